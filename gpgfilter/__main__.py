@@ -1,0 +1,3 @@
+from gpgfilter.cli import main
+
+main()

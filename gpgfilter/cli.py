@@ -1,0 +1,166 @@
+"""The ``gpgfilter`` command: run the filter, manage the key registry."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+
+from gpgfilter.config import Config, ConfigError, load
+from gpgfilter.service import run
+from keystore.sqlite import SQLiteKeyStore
+from keystore.store import StoreError
+from keystore.validate import KeyRejected, validate_key
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # python-gnupg logs the data it handles (keys included) at DEBUG; aiosmtpd logs commands.
+    logging.getLogger("gnupg").setLevel(logging.WARNING)
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
+
+
+def _load(ctx: click.Context, overrides: dict[str, Any] | None = None) -> Config:
+    path: Path | None = ctx.obj["config_path"]
+    try:
+        return load(path, overrides)
+    except ConfigError as error:
+        raise click.ClickException(f"configuration error: {error}") from None
+
+
+@click.group()
+@click.option(
+    "--config",
+    "-c",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="YAML configuration file (default: embedded defaults).",
+)
+@click.version_option(package_name="gpgfilter")
+@click.pass_context
+def main(ctx: click.Context, config_path: Path | None) -> None:
+    """Encrypt incoming mail to each recipient's OpenPGP key before it is stored."""
+    ctx.ensure_object(dict)
+    ctx.obj["config_path"] = config_path
+
+
+@main.command()
+@click.option("--listen", help="Address to listen on, HOST:PORT or unix:/path.")
+@click.option("--mode", type=click.Choice(["lmtp", "smtp"]), help="Protocol spoken both ways.")
+@click.option("--deliver", help="Downstream: Dovecot LMTP or Postfix reinjection, HOST:PORT.")
+@click.option("--data-dir", help="Directory for the key store and gpg state.")
+@click.option("--metrics-listen", help="HOST:PORT for the Prometheus endpoint.")
+@click.pass_context
+def serve(
+    ctx: click.Context,
+    listen: str | None,
+    mode: str | None,
+    deliver: str | None,
+    data_dir: str | None,
+    metrics_listen: str | None,
+) -> None:
+    """Run the filter."""
+    config = _load(
+        ctx,
+        {
+            "listen": listen,
+            "mode": mode,
+            "deliver": deliver,
+            "data_dir": data_dir,
+            "metrics.listen": metrics_listen,
+        },
+    )
+    setup_logging(config.log_level)
+    try:
+        run(config)
+    except (StoreError, OSError) as error:
+        raise click.ClickException(str(error)) from None
+
+
+@main.group()
+def keys() -> None:
+    """Manage the registry of recipients' public keys."""
+
+
+def _store(config: Config, *, create: bool) -> SQLiteKeyStore:
+    try:
+        return SQLiteKeyStore(config.keystore_path, create=create)
+    except StoreError as error:
+        raise click.ClickException(str(error)) from None
+
+
+@keys.command("import")
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--address", help="Bind the key to this address, whatever its user IDs say.")
+@click.option("--add", is_flag=True, help="Add to the address's keys instead of replacing them.")
+@click.pass_context
+def import_keys(
+    ctx: click.Context, files: tuple[Path, ...], address: str | None, add: bool
+) -> None:
+    """Validate public keys and register them for their addresses."""
+    config = _load(ctx)
+    setup_logging("warning")
+    store = _store(config, create=True)
+    failed = 0
+    for path in files:
+        try:
+            data = sys.stdin.buffer.read() if str(path) == "-" else path.read_bytes()
+            validated = validate_key(data, address=address, gpg_binary=config.gpg.binary)
+        except OSError as error:
+            click.echo(f"{path}: cannot read: {error.strerror}", err=True)
+            failed += 1
+            continue
+        except KeyRejected as error:
+            click.echo(f"{path}: refused: {error}", err=True)
+            failed += 1
+            continue
+        for bound in validated.addresses:
+            store.bind(bound, validated.key, replace=not add)
+        click.echo(
+            f"{path}: {validated.key.fingerprint} registered for {', '.join(validated.addresses)}"
+        )
+    store.close()
+    if failed:
+        sys.exit(1)
+
+
+@keys.command("list")
+@click.pass_context
+def list_keys(ctx: click.Context) -> None:
+    """Show every address and the key it is bound to."""
+    config = _load(ctx)
+    if not config.keystore_path.exists():
+        click.echo(f"no key store yet at {config.keystore_path}", err=True)
+        return
+    store = _store(config, create=False)
+    for binding in store.bindings():
+        key = binding.key
+        expires = "never"
+        if key.expires:
+            expires = datetime.fromtimestamp(key.expires, UTC).strftime("%Y-%m-%d")
+        usable = "usable" if key.usable_encryption_keys() else "UNUSABLE"
+        click.echo(f"{binding.address}\t{key.fingerprint}\texpires {expires}\t{usable}")
+    store.close()
+
+
+@keys.command("remove")
+@click.argument("target")
+@click.pass_context
+def remove_key(ctx: click.Context, target: str) -> None:
+    """Remove an address's keys, or a key (by fingerprint) from every address."""
+    config = _load(ctx)
+    store = _store(config, create=False)
+    removed = store.remove(target.replace(" ", ""))
+    store.close()
+    if not removed:
+        raise click.ClickException(f"nothing registered for {target}")
+    click.echo(f"removed {removed} binding(s)")

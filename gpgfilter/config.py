@@ -1,0 +1,242 @@
+"""Configuration: embedded defaults, a YAML file, command-line overrides — checked at start.
+
+A wrong configuration must stop the filter at start with a message naming the key and the
+problem, never surface later as a deferred message. ``docs/configuration.md`` documents every
+key; ``tests/test_config.py`` checks the two stay in step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the administrator."""
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where to listen or connect: ``HOST:PORT``, ``[IPv6]:PORT`` or ``unix:/path``."""
+
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> Endpoint:
+        text = text.strip()
+        if text.startswith("unix:"):
+            path = text[len("unix:") :]
+            if not path.startswith("/"):
+                raise ValueError("a unix socket needs an absolute path, e.g. unix:/run/x.sock")
+            return cls(path=path)
+        if text.startswith("/"):
+            return cls(path=text)
+        if text.startswith("inet:"):
+            text = text[len("inet:") :]
+        host, sep, port = text.rpartition(":")
+        if not sep or not port.isdigit() or not host:
+            raise ValueError(f"expected HOST:PORT or unix:/path, got {text!r}")
+        number = int(port)
+        if not 0 < number < 65536:
+            raise ValueError(f"port {number} is out of range")
+        return cls(host=host.strip("[]"), port=number)
+
+    @property
+    def is_unix(self) -> bool:
+        return bool(self.path)
+
+    def __str__(self) -> str:
+        if self.path:
+            return f"unix:{self.path}"
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def default_data_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/lib/gpgfilter")
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "gpgfilter"
+
+
+@dataclass(frozen=True, slots=True)
+class KeystoreConfig:
+    backend: Literal["sqlite"] = "sqlite"
+    # Default: DATA_DIR/keys.sqlite
+    path: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GpgConfig:
+    binary: str = "gpg"
+    # 0 = no compression: 3-4x less CPU above ~50 KB, and mail attachments are mostly
+    # compressed already (engines.md).
+    compress_level: int = 0
+    # Parallel gpg processes at most.
+    max_processes: int = 4
+    # Seconds one encryption may take before the recipient is deferred.
+    timeout: float = 120.0
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    # What happens to mail for an address with no registered key.
+    no_key: Literal["deliver", "defer"] = "deliver"
+    # What happens when every registered key of an address has expired (or was revoked).
+    unusable_key: Literal["defer", "deliver"] = "defer"
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    enabled: bool = True
+    listen: Endpoint = field(default_factory=lambda: Endpoint("127.0.0.1", 9425))
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    mode: Literal["lmtp", "smtp"] = "lmtp"
+    listen: Endpoint = field(default_factory=lambda: Endpoint("127.0.0.1", 10025))
+    # Default: Dovecot's LMTP (127.0.0.1:24) in lmtp mode, Postfix's reinjection
+    # smtpd (127.0.0.1:10026) in smtp mode.
+    deliver: Endpoint | None = None
+    data_dir: Path = field(default_factory=default_data_dir)
+    hostname: str = field(default_factory=socket.getfqdn)
+    recipient_delimiter: str = "+"
+    max_message_size: int = 64 * 1024 * 1024
+    # Seconds for a whole downstream transaction.
+    delivery_timeout: float = 600.0
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    keystore: KeystoreConfig = field(default_factory=KeystoreConfig)
+    gpg: GpgConfig = field(default_factory=GpgConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    @property
+    def deliver_to(self) -> Endpoint:
+        if self.deliver is not None:
+            return self.deliver
+        return Endpoint("127.0.0.1", 24 if self.mode == "lmtp" else 10026)
+
+    @property
+    def keystore_path(self) -> Path:
+        return self.keystore.path or self.data_dir / "keys.sqlite"
+
+    @property
+    def gnupg_home(self) -> Path:
+        return self.data_dir / "gnupg"
+
+
+def load(path: Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Embedded defaults, then the YAML file, then ``overrides`` (dotted keys allowed)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except OSError as error:
+            raise ConfigError(f"cannot read {path}: {error.strerror}") from None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path} is not valid YAML: {error}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys")
+        data = loaded
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        target = data
+        *parents, last = dotted.split(".")
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[last] = value
+    config: Config = _build(Config, data, "")
+    return config
+
+
+def _build(cls: type[Any], data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key (known: {', '.join(sorted(names))})")
+    values: dict[str, Any] = {}
+    for name, raw in data.items():
+        values[name] = _convert(hints[name], raw, f"{prefix}{name}")
+    config = cls(**values)
+    _check(config, prefix)
+    return config
+
+
+def _convert(hint: Any, raw: Any, key: str) -> Any:
+    origin = get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        options = [a for a in get_args(hint) if a is not type(None)]
+        if raw is None:
+            return None
+        return _convert(options[0], raw, key)
+    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+        if hint is Endpoint:
+            if not isinstance(raw, str):
+                raise ConfigError(f"{key}: expected HOST:PORT or unix:/path, got {raw!r}")
+            try:
+                return Endpoint.parse(raw)
+            except ValueError as error:
+                raise ConfigError(f"{key}: {error}") from None
+        return _build(hint, raw, f"{key}.")
+    if origin is Literal:
+        choices = get_args(hint)
+        if raw not in choices:
+            raise ConfigError(f"{key}: must be one of {', '.join(map(str, choices))}, got {raw!r}")
+        return raw
+    if hint is bool:
+        if not isinstance(raw, bool):
+            raise ConfigError(f"{key}: expected true or false, got {raw!r}")
+        return raw
+    if hint is int:
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            raise ConfigError(f"{key}: expected a whole number, got {raw!r}")
+        return raw
+    if hint is float:
+        if isinstance(raw, bool) or not isinstance(raw, int | float):
+            raise ConfigError(f"{key}: expected a number, got {raw!r}")
+        return float(raw)
+    if hint is Path:
+        if not isinstance(raw, str) or not raw:
+            raise ConfigError(f"{key}: expected a path, got {raw!r}")
+        return Path(raw)
+    if hint is str:
+        if not isinstance(raw, str):
+            raise ConfigError(f"{key}: expected text, got {raw!r}")
+        return raw
+    raise ConfigError(f"{key}: unsupported value {raw!r}")  # pragma: no cover
+
+
+def _check(config: Any, prefix: str) -> None:
+    """Range checks that types alone cannot express."""
+    if isinstance(config, GpgConfig):
+        if not 0 <= config.compress_level <= 9:
+            raise ConfigError(f"{prefix}compress_level: must be between 0 and 9")
+        if config.max_processes < 1:
+            raise ConfigError(f"{prefix}max_processes: must be at least 1")
+        if config.timeout <= 0:
+            raise ConfigError(f"{prefix}timeout: must be positive")
+    if isinstance(config, Config):
+        if config.max_message_size < 1024:
+            raise ConfigError("max_message_size: must be at least 1024 bytes")
+        if config.delivery_timeout <= 0:
+            raise ConfigError("delivery_timeout: must be positive")
+        if not config.recipient_delimiter.strip() and config.recipient_delimiter:
+            raise ConfigError("recipient_delimiter: must not be blank")
+        if "@" in config.recipient_delimiter:
+            raise ConfigError("recipient_delimiter: must not contain @")

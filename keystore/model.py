@@ -1,0 +1,45 @@
+"""What the registry knows about a key: enough to decide, at delivery time and without gpg,
+whether it can be encrypted to now, and to which (sub)keys."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class EncryptionKey:
+    """A primary key or subkey that is capable of encryption."""
+
+    fingerprint: str
+    expires: int | None  # seconds since the epoch; None = never
+
+    def usable_at(self, now: float) -> bool:
+        return self.expires is None or self.expires > now
+
+
+@dataclass(frozen=True, slots=True)
+class StoredKey:
+    """A validated, minimised transferable public key as the registry keeps it."""
+
+    fingerprint: str  # primary key, 40 upper-case hex digits
+    key_data: bytes  # binary OpenPGP: primary, valid subkeys, the bound user IDs, self-signatures
+    expires: int | None  # of the primary key
+    encryption_keys: tuple[EncryptionKey, ...]
+    user_ids: tuple[str, ...]
+
+    def usable_encryption_keys(self, now: float | None = None) -> tuple[str, ...]:
+        """Fingerprints of the (sub)keys to encrypt to now; empty when the key cannot encrypt."""
+        moment = time.time() if now is None else now
+        if self.expires is not None and self.expires <= moment:
+            return ()
+        return tuple(k.fingerprint for k in self.encryption_keys if k.usable_at(moment))
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    """An address and the key it is bound to."""
+
+    address: str
+    key: StoredKey
+    created: int

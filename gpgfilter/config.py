@@ -47,7 +47,7 @@ class Endpoint:
         if not sep or not port.isdigit() or not host:
             raise ValueError(f"expected HOST:PORT or unix:/path, got {text!r}")
         number = int(port)
-        if not 0 < number < 65536:
+        if not 0 <= number < 65536:
             raise ValueError(f"port {number} is out of range")
         return cls(host=host.strip("[]"), port=number)
 

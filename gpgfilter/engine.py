@@ -106,7 +106,7 @@ class GnuPGEngine:
         return ".".join(map(str, version)) if version else "unknown"
 
     def encrypt(self, plaintext: bytes, recipient: Recipient) -> bytes:
-        home = self._home_for(recipient.key_data)
+        home = self._home_for(recipient)
         result = self._gpg.encrypt(
             plaintext,
             [f"{fpr}!" for fpr in recipient.encryption_keys],
@@ -120,30 +120,39 @@ class GnuPGEngine:
                 f"gpg failed (exit {result.returncode}, status {' '.join(keywords) or 'none'})"
             )
         armored: bytes = result.data
-        check_ciphertext(armored, recipient)
         return armored
 
-    def _home_for(self, key_data: bytes) -> Path:
-        home = self._homes / hashlib.sha256(key_data).hexdigest()[:32]
+    def _home_for(self, recipient: Recipient) -> Path:
+        home = self._homes / hashlib.sha256(recipient.key_data).hexdigest()[:32]
         if home.is_dir():
             return home
         with self._build_lock:
             if not home.is_dir():
-                self._build_home(home, key_data)
+                self._build_home(home, recipient.key_data, recipient.encryption_keys)
         return home
 
-    def _build_home(self, home: Path, key_data: bytes) -> None:
+    def _build_home(self, home: Path, key_data: bytes, wanted: tuple[str, ...]) -> None:
         building = Path(tempfile.mkdtemp(prefix=".build-", dir=self._homes))
         try:
-            done = subprocess.run(
-                [self.binary, "--homedir", str(building), "--batch", *_GPG_OPTIONS, "--import"],
-                input=key_data,
+            base = [self.binary, "--homedir", str(building), "--batch", *_GPG_OPTIONS]
+            # gpg's exit status after an import also reflects a failed (and useless) attempt
+            # to reach an agent, e.g. when the home's path is too long for a socket: judge
+            # the result by what the new home holds instead.
+            subprocess.run(
+                [*base, "--import"], input=key_data, capture_output=True, timeout=60, check=False
+            )
+            listing = subprocess.run(
+                [*base, "--with-colons", "--fixed-list-mode", "--with-subkey-fingerprint", "-k"],
                 capture_output=True,
                 timeout=60,
                 check=False,
+                text=True,
             )
-            if done.returncode != 0:
-                raise EngineError(f"gpg could not import a stored key (exit {done.returncode})")
+            present = {
+                line.split(":")[9] for line in listing.stdout.splitlines() if line[:4] == "fpr:"
+            }
+            if not set(wanted) <= present:
+                raise EngineError("gpg could not import a stored key")
             os.rename(building, home)
         except BaseException:
             shutil.rmtree(building, ignore_errors=True)

@@ -26,7 +26,7 @@ from gpgfilter import pgpmime
 from gpgfilter.classify import Verdict, classify
 from gpgfilter.config import PolicyConfig
 from gpgfilter.deliver import Reply
-from gpgfilter.engine import Engine, EngineError, Recipient
+from gpgfilter.engine import Engine, EngineError, Recipient, check_ciphertext
 from gpgfilter.metrics import Metrics
 from gpgfilter.rawmessage import RawMessage, split
 from gpgfilter.recipients import canonical_address
@@ -197,10 +197,15 @@ class MailFilter:
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         armored = await asyncio.wait_for(
-            loop.run_in_executor(self._pool, self.engine.encrypt, inner, recipient),
+            loop.run_in_executor(self._pool, self._encrypt_checked, inner, recipient),
             self.gpg_timeout,
         )
         self.metrics.encryption_seconds.observe(time.monotonic() - started)
+        return armored
+
+    def _encrypt_checked(self, inner: bytes, recipient: Recipient) -> bytes:
+        armored = self.engine.encrypt(inner, recipient)
+        check_ciphertext(armored, recipient)  # whatever the engine, never trust its word
         return armored
 
     async def _deliver(

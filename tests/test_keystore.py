@@ -1,0 +1,136 @@
+"""Key validation and the SQLite registry: only usable public v4 keys, minimal, bound right."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from gpgfilter.cli import main
+from keystore.sqlite import SQLiteKeyStore
+from keystore.store import StoreError
+from keystore.validate import KeyRejected, validate_key
+from tests.openpgp_tools import KeyFactory, TestKey
+
+
+def test_valid_key_is_minimised_and_bound_to_its_address(alice: TestKey) -> None:
+    validated = validate_key(alice.public)
+    assert validated.addresses == ("alice@example.test",)
+    assert validated.key.fingerprint == alice.fingerprint
+    assert set(validated.key.usable_encryption_keys()) == set(alice.encryption_subkeys)
+
+
+@pytest.mark.parametrize(
+    ("variant", "message"),
+    [
+        ("make_expired", "expired"),
+        ("make_revoked", "revoked"),
+        ("make_sign_only", "no valid encryption"),
+        ("make_with_expired_encryption_subkey", "no valid encryption"),
+    ],
+)
+def test_unusable_keys_are_refused(key_factory: KeyFactory, variant: str, message: str) -> None:
+    key = getattr(key_factory, variant)(f"{variant}@example.test")
+    with pytest.raises(KeyRejected, match=message):
+        validate_key(key.public)
+
+
+def test_secret_key_is_refused_without_echoing_it(alice: TestKey) -> None:
+    with pytest.raises(KeyRejected, match="secret key") as caught:
+        validate_key(alice.secret)
+    assert alice.secret.decode()[40:80] not in str(caught.value)
+
+
+def test_two_keys_and_garbage_are_refused(alice: TestKey, bob: TestKey) -> None:
+    with pytest.raises(KeyRejected, match="exactly one"):
+        validate_key(alice.public + bob.public)
+    with pytest.raises(KeyRejected, match="not an OpenPGP public key"):
+        validate_key(b"hello world")
+    with pytest.raises(KeyRejected, match="larger than"):
+        validate_key(b"x" * (9 * 1024 * 1024))
+
+
+def test_flooded_key_is_stripped_quickly(key_factory: KeyFactory, alice: TestKey) -> None:
+    flooded = key_factory.flooded(alice, count=1500)
+    started = time.monotonic()
+    validated = validate_key(flooded)
+    elapsed = time.monotonic() - started
+    assert len(validated.key.key_data) < 2048 < len(flooded)
+    assert elapsed < 5, f"validation took {elapsed:.1f}s"
+
+
+def test_explicit_binding_and_uid_selection(key_factory: KeyFactory) -> None:
+    multi = key_factory.make_multi_uid(["one@example.test", "two@other.test"])
+    assert validate_key(multi.public).addresses == ("one@example.test", "two@other.test")
+    only = validate_key(multi.public, address="Two@Other.test")
+    assert only.addresses == ("two@other.test",)
+    assert [u for u in only.key.user_ids if "one@" in u] == []
+    forced = validate_key(multi.public, address="alias@example.test")
+    assert forced.addresses == ("alias@example.test",)
+
+
+def test_store_binds_replaces_and_removes(tmp_path: Path, alice: TestKey, bob: TestKey) -> None:
+    store = SQLiteKeyStore(tmp_path / "k.sqlite", create=True)
+    a = validate_key(alice.public).key
+    b = validate_key(bob.public, address="alice@example.test").key
+    store.bind("alice@example.test", a)
+    assert [k.fingerprint for k in store.keys_for("alice@example.test")] == [a.fingerprint]
+    store.bind("alice@example.test", b, replace=False)
+    assert len(store.keys_for("alice@example.test")) == 2
+    store.bind("alice@example.test", b)
+    assert [k.fingerprint for k in store.keys_for("alice@example.test")] == [b.fingerprint]
+    assert store.remove(b.fingerprint) == 1
+    assert store.keys_for("alice@example.test") == []
+    store.close()
+
+
+def test_store_never_recreates_a_vanished_file(tmp_path: Path) -> None:
+    path = tmp_path / "k.sqlite"
+    store = SQLiteKeyStore(path, create=True)
+    path.unlink()
+    with pytest.raises(StoreError):
+        store.keys_for("a@example.test")
+    assert not path.exists()
+    with pytest.raises(StoreError):
+        SQLiteKeyStore(tmp_path / "absent.sqlite")
+
+
+def test_admin_commands(tmp_path: Path, alice: TestKey, key_factory: KeyFactory) -> None:
+    runner = CliRunner()
+    config = tmp_path / "gpgfilter.yaml"
+    config.write_text(f"data_dir: {tmp_path / 'data'}\n")
+    key_file = tmp_path / "alice.asc"
+    key_file.write_bytes(alice.public)
+    secret_file = tmp_path / "secret.asc"
+    secret_file.write_bytes(alice.secret)
+    result = runner.invoke(main, ["-c", str(config), "keys", "import", str(key_file)])
+    assert result.exit_code == 0, result.output
+    assert f"{alice.fingerprint} registered for alice@example.test" in result.output
+    result = runner.invoke(main, ["-c", str(config), "keys", "import", str(secret_file)])
+    assert result.exit_code == 1 and "secret key" in result.output
+    assert "PRIVATE KEY" not in result.output
+    result = runner.invoke(main, ["-c", str(config), "keys", "list"])
+    assert result.output.startswith(f"alice@example.test\t{alice.fingerprint}")
+    result = runner.invoke(main, ["-c", str(config), "keys", "remove", "alice@example.test"])
+    assert result.exit_code == 0 and "removed 1" in result.output
+    result = runner.invoke(main, ["-c", str(config), "keys", "remove", "alice@example.test"])
+    assert result.exit_code != 0
+
+
+def test_bad_config_names_key_and_problem(tmp_path: Path) -> None:
+    runner = CliRunner()
+    cases = {
+        "mode: pop3\n": "mode: must be one of lmtp, smtp",
+        "listen: nowhere\n": "listen: expected HOST:PORT",
+        "gpg:\n  compress_level: 12\n": "gpg.compress_level: must be between 0 and 9",
+        "policy:\n  no_kye: defer\n": "policy.no_kye: unknown key",
+        "- a list\n": "top level must be a mapping",
+    }
+    for text, expected in cases.items():
+        config = tmp_path / "bad.yaml"
+        config.write_text(text)
+        result = runner.invoke(main, ["-c", str(config), "serve"])
+        assert result.exit_code != 0
+        assert expected in result.output, (text, result.output)

@@ -226,7 +226,7 @@ class MailFilter:
                     envelope.mail_from,
                     [envelope.recipients[i] for i in indexes],
                     payload,
-                    smtputf8=envelope.smtputf8,
+                    smtputf8=_needs_smtputf8(envelope, indexes),
                 )
                 for payload, indexes in groups
             )
@@ -297,6 +297,19 @@ def _recipient_for(keys: list[StoredKey]) -> Recipient | None:
         key_data=b"".join(key.key_data for key, _ in usable),
         encryption_keys=tuple(f for _, fingerprints in usable for f in fingerprints),
     )
+
+
+def _needs_smtputf8(envelope: Envelope, indexes: list[int]) -> bool:
+    """Ask the downstream for SMTPUTF8 only when the envelope itself is not ASCII.
+
+    Raw UTF-8 in header fields alone does not need it: Dovecot 2.3 stores such mail, but does
+    not offer SMTPUTF8, and Postfix bounces (5.6.7) a message flagged SMTPUTF8 rather than hand
+    it to Dovecot. Not passing the flag on for header-only UTF-8 keeps that mail deliverable.
+    """
+    if not envelope.smtputf8:
+        return False
+    addresses = [envelope.mail_from, *(envelope.recipients[i] for i in indexes)]
+    return not all(address.isascii() for address in addresses)
 
 
 def _queue_id(message: RawMessage) -> str:

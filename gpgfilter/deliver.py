@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import Sequence
+import time
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from gpgfilter.config import Endpoint
@@ -57,14 +58,38 @@ def to_wire(data: bytes) -> bytes:
     return data.replace(b"\r\n.", b"\r\n..") + b".\r\n"
 
 
-class MailClient:
-    """One transaction per call, on a fresh connection (SMTP, or LMTP with ``lmtp=True``)."""
+class _Refused(Exception):
+    """The server greeted with a refusal; every recipient gets that reply."""
 
-    def __init__(self, endpoint: Endpoint, *, lmtp: bool, helo: str, timeout: float) -> None:
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+
+
+class MailClient:
+    """SMTP, or LMTP with ``lmtp=True``, reusing idle connections as Postfix does.
+
+    A fresh connection per message would cost the downstream (Dovecot) a session set-up for
+    every message; a connection is reused after an ``RSET`` that proves it still works.
+    """
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        *,
+        lmtp: bool,
+        helo: str,
+        timeout: float,
+        max_idle: int = 8,
+        idle_seconds: float = 30.0,
+    ) -> None:
         self.endpoint = endpoint
         self.lmtp = lmtp
         self.helo = helo
         self.timeout = timeout
+        self.max_idle = max_idle
+        self.idle_seconds = idle_seconds
+        self._idle: list[_Session] = []
 
     async def send(
         self, mail_from: str, recipients: Sequence[str], data: bytes, *, smtputf8: bool = False
@@ -80,11 +105,49 @@ class MailClient:
             await asyncio.wait_for(
                 self._transaction(mail_from, recipients, data, smtputf8, replies), self.timeout
             )
+        except _Refused as refused:
+            fallback = refused.reply
         except (OSError, asyncio.IncompleteReadError, TimeoutError, EOFError):
             pass
         except _ProtocolError:
             fallback = PROTOCOL_ERROR
         return [reply or fallback for reply in replies]
+
+    async def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for session in idle:
+            await session.close()
+
+    async def _connect(self) -> _Session:
+        if self.endpoint.is_unix:
+            reader, writer = await asyncio.open_unix_connection(self.endpoint.path)
+        else:
+            reader, writer = await asyncio.open_connection(self.endpoint.host, self.endpoint.port)
+        session = _Session(reader, writer)
+        try:
+            greeting = await session.read_reply()
+            if not greeting.ok:
+                raise _Refused(greeting)
+            session.extensions = await session.hello(self.helo, self.lmtp)
+        except BaseException:
+            session.abort()
+            raise
+        return session
+
+    def _reusable(self) -> _Session | None:
+        while self._idle:
+            session = self._idle.pop()
+            if time.monotonic() - session.last_used <= self.idle_seconds:
+                return session
+            session.abort()
+        return None
+
+    def _checkin(self, session: _Session) -> None:
+        if len(self._idle) < self.max_idle:
+            session.last_used = time.monotonic()
+            self._idle.append(session)
+        else:
+            session.abort()
 
     async def _transaction(
         self,
@@ -94,60 +157,130 @@ class MailClient:
         smtputf8: bool,
         replies: list[Reply | None],
     ) -> None:
-        """Fill ``replies`` with final answers as they arrive; None means "not final yet"."""
-        if self.endpoint.is_unix:
-            reader, writer = await asyncio.open_unix_connection(self.endpoint.path)
-        else:
-            reader, writer = await asyncio.open_connection(self.endpoint.host, self.endpoint.port)
-        session = _Session(reader, writer)
-        try:
-            greeting = await session.read_reply()
-            if not greeting.ok:
-                replies[:] = [greeting] * len(recipients)
-                return
-            extensions = await session.hello(self.helo, self.lmtp)
-            options = []
-            if "8BITMIME" in extensions and not data.isascii():
-                options.append("BODY=8BITMIME")
-            if smtputf8 and "SMTPUTF8" in extensions:
-                options.append("SMTPUTF8")
-            if "SIZE" in extensions:
-                options.append(f"SIZE={len(data)}")
-            mail = await session.command(f"MAIL FROM:<{mail_from}>", *options)
-            if not mail.ok:
-                replies[:] = [mail] * len(recipients)
-                return
-            accepted: list[int] = []
-            for index, recipient in enumerate(recipients):
-                reply = await session.command(f"RCPT TO:<{recipient}>")
-                if reply.ok:
-                    accepted.append(index)
-                else:
-                    replies[index] = reply
-            if not accepted:
-                return
-            start = await session.command("DATA")
-            if start.code != 354:
-                for index in accepted:
-                    replies[index] = start
-                return
-            writer.write(to_wire(data))
-            await writer.drain()
-            if self.lmtp:
-                for index in accepted:
-                    replies[index] = await session.read_reply()
+        """Fill ``replies`` with final answers as they arrive; None means "not final yet".
+
+        A reused connection starts with RSET; when the server has closed it meanwhile, that
+        first reply never comes, nothing was accepted, and a fresh connection takes over.
+        """
+        session = self._reusable()
+        if session is not None:
+            try:
+                await self._exchange(session, mail_from, recipients, data, smtputf8, replies)
+            except _StaleConnection:
+                session.abort()
+            except BaseException:
+                session.abort()
+                raise
             else:
-                final = await session.read_reply()
-                for index in accepted:
-                    replies[index] = final
-        finally:
-            await session.close()
+                self._checkin(session)
+                return
+        session = await self._connect()
+        try:
+            await self._exchange(session, mail_from, recipients, data, smtputf8, replies)
+        except BaseException:
+            session.abort()
+            raise
+        self._checkin(session)
+
+    async def _exchange(
+        self,
+        session: _Session,
+        mail_from: str,
+        recipients: Sequence[str],
+        data: bytes,
+        smtputf8: bool,
+        replies: list[Reply | None],
+    ) -> None:
+        extensions = session.extensions
+        options = []
+        if "8BITMIME" in extensions and not data.isascii():
+            options.append("BODY=8BITMIME")
+        if smtputf8 and "SMTPUTF8" in extensions:
+            options.append("SMTPUTF8")
+        if "SIZE" in extensions:
+            options.append(f"SIZE={len(data)}")
+        reset = session.used
+        session.used = True
+        commands = ["RSET"] if reset else []
+        commands.append(" ".join((f"MAIL FROM:<{mail_from}>", *options)))
+        commands += [f"RCPT TO:<{recipient}>" for recipient in recipients]
+        commands.append("DATA")
+        # RFC 2920: with PIPELINING the whole envelope goes out in one write.
+        answers = session.pipeline(commands) if "PIPELINING" in extensions else None
+        if reset:
+            try:
+                first = await (answers.__anext__() if answers else session.command(commands[0]))
+            except (OSError, EOFError, asyncio.IncompleteReadError) as error:
+                raise _StaleConnection from error
+            if not first.ok:
+                raise _StaleConnection
+        next_reply = answers.__anext__ if answers else None
+
+        async def answer(command: str) -> Reply:
+            return await (next_reply() if next_reply else session.command(command))
+
+        mail = await answer(commands[int(reset)])
+        if not mail.ok and not answers:
+            replies[:] = [mail] * len(recipients)
+            return
+        accepted: list[int] = []
+        for index, recipient in enumerate(recipients):
+            reply = await answer(f"RCPT TO:<{recipient}>")
+            if not mail.ok:
+                continue
+            if reply.ok:
+                accepted.append(index)
+            else:
+                replies[index] = reply
+        if not mail.ok:
+            replies[:] = [mail] * len(recipients)
+            if answers:
+                await next_reply()  # type: ignore[misc]  # DATA, refused: no recipient
+            return
+        if not accepted and not answers:
+            return
+        start = await answer("DATA")
+        if start.code != 354:
+            for index in accepted:
+                replies[index] = start
+            return
+        if not accepted:  # a server that says 354 with no recipient: end it empty
+            session.writer.write(b".\r\n")
+            await session.read_reply()
+            return
+        session.writer.write(to_wire(data))
+        await session.writer.drain()
+        if self.lmtp:
+            for index in accepted:
+                replies[index] = await session.read_reply()
+        else:
+            final = await session.read_reply()
+            for index in accepted:
+                replies[index] = final
+
+
+class _StaleConnection(Exception):
+    """A reused connection turned out closed before anything was accepted."""
 
 
 class _Session:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
+        self.extensions: set[str] = set()
+        self.last_used = time.monotonic()
+        self.used = False
+
+    async def pipeline(self, commands: Sequence[str]) -> AsyncIterator[Reply]:
+        """Send ``commands`` at once, then yield their replies in order."""
+        self.writer.write(b"".join(c.encode("utf-8") + b"\r\n" for c in commands))
+        await self.writer.drain()
+        for _ in commands:
+            yield await self.read_reply()
+
+    def abort(self) -> None:
+        """Drop the connection at once: after an error its state is unknown."""
+        self.writer.close()
 
     async def read_reply(self) -> Reply:
         texts: list[str] = []

@@ -18,7 +18,6 @@ import logging
 import re
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -56,6 +55,8 @@ class Deliverer(Protocol):
     async def send(
         self, mail_from: str, recipients: Sequence[str], data: bytes, *, smtputf8: bool = False
     ) -> list[Reply]: ...
+
+    async def close(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,10 +110,7 @@ class MailFilter:
         # SMTP mode answers once per message: one recipient's failure must then stop them all
         # before anything is delivered.
         self.all_or_nothing = all_or_nothing
-        self._pool = ThreadPoolExecutor(max_workers=gpg_processes, thread_name_prefix="gpg")
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._gpg_slots = asyncio.Semaphore(gpg_processes)
 
     async def process(self, envelope: Envelope) -> list[Reply]:
         """One reply per recipient, in envelope order. Never raises."""
@@ -194,17 +192,12 @@ class MailFilter:
                 report.notes.append(f"encryption error: {type(result).__name__}")
 
     async def _encrypt(self, inner: bytes, recipient: Recipient) -> bytes:
-        loop = asyncio.get_running_loop()
-        started = time.monotonic()
-        armored = await asyncio.wait_for(
-            loop.run_in_executor(self._pool, self._encrypt_checked, inner, recipient),
-            self.gpg_timeout,
-        )
-        self.metrics.encryption_seconds.observe(time.monotonic() - started)
-        return armored
-
-    def _encrypt_checked(self, inner: bytes, recipient: Recipient) -> bytes:
-        armored = self.engine.encrypt(inner, recipient)
+        async with self._gpg_slots:  # a bounded number of engine processes at once
+            started = time.monotonic()
+            armored = await asyncio.wait_for(
+                self.engine.encrypt(inner, recipient), self.gpg_timeout
+            )
+            self.metrics.encryption_seconds.observe(time.monotonic() - started)
         check_ciphertext(armored, recipient)  # whatever the engine, never trust its word
         return armored
 

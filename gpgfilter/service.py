@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import sys
 from dataclasses import dataclass
 
 from prometheus_client import start_http_server
@@ -29,7 +31,7 @@ class Service:
     async def close(self) -> None:
         self.server.close()
         await self.server.wait_closed()
-        self.filter.close()
+        await self.filter.deliverer.close()
         self.filter.store.close()
 
 
@@ -79,8 +81,21 @@ async def start(config: Config, metrics: Metrics | None = None) -> Service:
     return Service(config, mail_filter, server)
 
 
+def _use_pidfd_child_watcher() -> None:
+    """Python 3.11 waits for every subprocess (one gpg per message) in a thread of its own;
+    a pidfd watcher needs none. Later Pythons choose it themselves."""
+    if sys.version_info >= (3, 12) or not hasattr(os, "pidfd_open"):
+        return
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError:
+        return
+    asyncio.set_child_watcher(asyncio.PidfdChildWatcher())
+
+
 def run(config: Config) -> None:
     """Run until SIGTERM or SIGINT."""
+    _use_pidfd_child_watcher()
     metrics = Metrics()
     if config.metrics.enabled:
         start_http_server(

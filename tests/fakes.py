@@ -31,6 +31,33 @@ class Downstream:
     deliveries: list[Delivery] = field(default_factory=list)
     server: asyncio.AbstractServer | None = None
     port: int = 0
+    hellos: int = 0
+    pipelining: bool = True
+    mail_code: str = ""
+    connections: list[SMTP] = field(default_factory=list)
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        self.hellos += 1
+        session.host_name = hostname
+        if not self.pipelining:
+            responses = [r for r in responses if "PIPELINING" not in r]
+        return responses
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        if self.mail_code:
+            return self.mail_code
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 2.1.0 OK"
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -63,14 +90,24 @@ class Downstream:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         cls = LMTP if self.lmtp else SMTP
+
+        def factory() -> SMTP:
+            protocol = cls(self, enable_SMTPUTF8=True, decode_data=False, loop=loop)
+            self.connections.append(protocol)
+            return protocol
+
         self.server = await loop.create_server(
-            lambda: cls(self, enable_SMTPUTF8=True, decode_data=False, loop=loop),
+            factory,
             "127.0.0.1",
-            0,
+            self.port,
+            reuse_address=True,
         )
         self.port = self.server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
         if self.server is not None:
             self.server.close()
+            for protocol in self.connections:  # a stopped server drops its clients too
+                if protocol.transport is not None:
+                    protocol.transport.close()
             await self.server.wait_closed()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import stat
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gpgfilter.engine import EngineError, GnuPGEngine, Recipient
+from gpgfilter.engine import EngineError, GnuPGEngine, Recipient, check_ciphertext
 from keystore.validate import validate_key
 from tests.openpgp_tools import (
     KeyFactory,
@@ -19,6 +20,12 @@ from tests.openpgp_tools import (
     packet_recipients,
     packet_versions,
 )
+
+
+def encrypt(engine: GnuPGEngine, plaintext: bytes, recipient: Recipient) -> bytes:
+    armored = asyncio.run(engine.encrypt(plaintext, recipient))
+    check_ciphertext(armored, recipient)
+    return armored
 
 
 def recipient_of(key: TestKey) -> Recipient:
@@ -37,7 +44,7 @@ def test_every_implementation_decrypts_byte_for_byte(
 ) -> None:
     key: TestKey = request.getfixturevalue(which)
     plaintext = b"Content-Type: text/plain\r\n\r\nline\r\nbare lf\nlone\rcr \x00\xff\x80\r\n"
-    armored = engine.encrypt(plaintext, recipient_of(key))
+    armored = encrypt(engine, plaintext, recipient_of(key))
     assert decrypt_all(key, armored) == plaintext
     pkesk, seipd = packet_versions(armored)
     assert pkesk == {3} and seipd == {1}, "GnuPG 2.2 and RNP read PKESK v3 + SEIPD v1 only"
@@ -48,22 +55,22 @@ def test_every_implementation_decrypts_byte_for_byte(
 )
 @given(plaintext=st.binary(min_size=1, max_size=4096))
 def test_round_trip_arbitrary_bytes(engine: GnuPGEngine, alice: TestKey, plaintext: bytes) -> None:
-    assert decrypt_gpg(alice, engine.encrypt(plaintext, recipient_of(alice))) == plaintext
+    assert decrypt_gpg(alice, encrypt(engine, plaintext, recipient_of(alice))) == plaintext
 
 
 def test_all_valid_encryption_subkeys_and_no_expired_one(
     engine: GnuPGEngine, key_factory: KeyFactory
 ) -> None:
     two = key_factory.make_with_two_encryption_subkeys("two@example.test")
-    armored = engine.encrypt(b"x", recipient_of(two))
+    armored = encrypt(engine, b"x", recipient_of(two))
     assert packet_recipients(armored) == {f[-16:] for f in two.encryption_subkeys}
     assert len(two.encryption_subkeys) == 2
     rotated = key_factory.make_with_old_expired_and_new_valid_subkey("rot@example.test")
-    armored = engine.encrypt(b"x", recipient_of(rotated))
+    armored = encrypt(engine, b"x", recipient_of(rotated))
     assert packet_recipients(armored) == {f[-16:] for f in rotated.encryption_subkeys}
     assert len(rotated.encryption_subkeys) == 1
     revoked = key_factory.make_with_revoked_subkey_and_new_valid("rev@example.test")
-    armored = engine.encrypt(b"x", recipient_of(revoked))
+    armored = encrypt(engine, b"x", recipient_of(revoked))
     assert packet_recipients(armored) == {f[-16:] for f in revoked.encryption_subkeys}
 
 
@@ -96,16 +103,16 @@ def test_misbehaving_gpg_is_an_error_never_output(
 ) -> None:
     engine = GnuPGEngine(home=tmp_path / "home", binary=_fake_gpg(tmp_path, behaviour))
     with pytest.raises(EngineError) as caught:
-        engine.encrypt(b"secret plan", recipient_of(alice))
+        encrypt(engine, b"secret plan", recipient_of(alice))
     assert "secret plan" not in str(caught.value)
 
 
 def test_keyset_home_is_rebuilt_when_missing(tmp_path: Path, alice: TestKey) -> None:
     engine = GnuPGEngine(home=tmp_path / "home")
     recipient = recipient_of(alice)
-    engine.encrypt(b"x", recipient)
+    encrypt(engine, b"x", recipient)
     for child in (tmp_path / "home" / "keysets").iterdir():
         for item in sorted(child.rglob("*"), reverse=True):
             item.unlink() if item.is_file() or item.is_socket() else item.rmdir()
         child.rmdir()
-    assert decrypt_gpg(alice, engine.encrypt(b"again", recipient)) == b"again"
+    assert decrypt_gpg(alice, encrypt(engine, b"again", recipient)) == b"again"

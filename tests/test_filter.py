@@ -163,7 +163,7 @@ class BrokenEngine:
         self.error = error
         self.output = output
 
-    def encrypt(self, plaintext: bytes, recipient: Recipient) -> bytes:
+    async def encrypt(self, plaintext: bytes, recipient: Recipient) -> bytes:
         if self.error:
             raise self.error
         return self.output
@@ -199,7 +199,9 @@ async def test_gpg_output_is_checked_not_trusted(
     h: Harness = await harness()  # type: ignore[misc]
     real = h.service.filter.engine
     bob_key = validate_key(bob.public).key
-    for_bob = real.encrypt(b"x", Recipient(bob_key.key_data, bob_key.usable_encryption_keys()))
+    for_bob = await real.encrypt(
+        b"x", Recipient(bob_key.key_data, bob_key.usable_encryption_keys())
+    )
     for output in (b"", b"-----BEGIN PGP MESSAGE-----\n\nAAAA\n-----END PGP MESSAGE-----\n"):
         h.service.filter.engine = BrokenEngine(output=output)
         replies = await h.send(["alice@example.test"])

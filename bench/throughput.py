@@ -1,0 +1,150 @@
+"""End-to-end throughput through real Postfix + Dovecot, without a filter and with gpgfilter in
+LMTP mode, measured in the same run on the same machine; prints the figures and their ratio.
+
+    .venv/bin/python bench/throughput.py [--messages N] [--sessions S]
+
+Needs root and Debian's postfix, dovecot-core, dovecot-imapd, dovecot-lmtpd (as the tests).
+Load comes from Postfix's own ``smtp-source`` (C, cheap), so the client does not steal the CPU
+that is being measured. Per message, the filter's CPU (its process and its gpg children) and
+its own processing time (from its log: end of DATA to reply, minus the time Dovecot took) are
+reported as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.e2e_stack import Stack, cpu_seconds
+from tests.openpgp_tools import KeyFactory
+
+DOMAIN = "example.test"
+SENDER = f"sender@{DOMAIN}"
+# smtp-source numbers the recipients of a transaction: 1r@, 2r@, ... (just r@ for one).
+RECIPIENTS = [f"{prefix}r@{DOMAIN}" for prefix in ("", "1", "2", "3")]
+_LOG_LINE = re.compile(r"message queue_id=\S+ .* ms=([\d.]+) encrypt_ms=[\d.]+ deliver_ms=([\d.]+)")
+
+
+def delivered(stack: Stack) -> int:
+    total = 0
+    for address in RECIPIENTS:
+        local = address.split("@")[0]
+        maildir = stack.dovecot.mail_dir / DOMAIN / local / "Maildir"
+        for sub in ("new", "cur"):
+            folder = maildir / sub
+            if folder.is_dir():
+                total += sum(1 for _ in folder.iterdir())
+    return total
+
+
+def run_load(stack: Stack, *, messages: int, size: int, rcpts: int, sessions: int) -> float:
+    """Inject ``messages`` and wait until all copies are in the mailboxes; returns seconds."""
+    before = delivered(stack)
+    expected = before + messages * rcpts
+    started = time.monotonic()
+    subprocess.run(
+        [
+            "/usr/sbin/smtp-source",
+            "-s", str(sessions),
+            "-m", str(messages),
+            "-l", str(size),
+            "-r", str(rcpts),
+            "-f", SENDER,
+            "-t", f"r@{DOMAIN}",
+            f"127.0.0.1:{stack.postfix.smtp_port}",
+        ],
+        check=True,
+        timeout=600,
+    )  # fmt: skip
+    deadline = time.monotonic() + 600
+    while delivered(stack) < expected:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {delivered(stack) - before} of {messages * rcpts} arrived")
+        time.sleep(0.02)
+    return time.monotonic() - started
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--messages", type=int, default=600, help="messages per measurement")
+    parser.add_argument("--sessions", type=int, default=20, help="parallel SMTP sessions")
+    parser.add_argument(
+        "--cases",
+        default="10240x1,10240x3,51200x1,51200x3",
+        help="comma-separated SIZExRECIPIENTS",
+    )
+    args = parser.parse_args()
+    cases = [
+        (int(size), int(rcpts))
+        for size, rcpts in (case.split("x") for case in args.cases.split(","))
+    ]
+    results: dict[str, dict[tuple[int, int], float]] = {}
+    filter_stats: dict[tuple[int, int], tuple[float, float, float, float, float]] = {}
+    with (
+        tempfile.TemporaryDirectory(prefix="gpgfilter-bench-") as tmp,
+        KeyFactory(Path(tmp) / "keys") as keys,
+    ):
+        for mode in ("direct", "lmtp"):
+            results[mode] = {}
+            with Stack(Path(tmp) / mode, mode=mode, users=[*RECIPIENTS, SENDER]) as stack:
+                if stack.filter is not None:
+                    for address in RECIPIENTS:
+                        stack.filter.import_key(keys.make(address, algo="rsa3072").public)
+                run_load(stack, messages=50, size=10_240, rcpts=1, sessions=args.sessions)
+                for size, rcpts in cases:
+                    count = args.messages // rcpts
+                    log_mark = len(stack.filter.log()) if stack.filter else 0
+                    cpu_before = cpu_seconds(stack.filter.pid) if stack.filter else 0.0
+                    seconds = run_load(
+                        stack, messages=count, size=size, rcpts=rcpts, sessions=args.sessions
+                    )
+                    results[mode][(size, rcpts)] = count / seconds
+                    if stack.filter is not None:
+                        cpu = cpu_seconds(stack.filter.pid) - cpu_before
+                        lines = _LOG_LINE.findall(stack.filter.log()[log_mark:])
+                        total = [float(ms) for ms, _ in lines]
+                        own = [float(ms) - float(deliver) for ms, deliver in lines]
+                        filter_stats[(size, rcpts)] = (
+                            cpu * 1000 / count,
+                            percentile(own, 0.5),
+                            percentile(own, 0.99),
+                            statistics.median(total),
+                            percentile(total, 0.99),
+                        )
+    print()
+    print("messages/s end to end (Postfix -> [gpgfilter ->] Dovecot), smtp-source load,")
+    print(f"{args.sessions} sessions, {args.messages} recipient-copies per case, this machine:")
+    print()
+    print(
+        f"{'size':>6} {'rcpts':>5} {'no filter':>10} {'gpgfilter':>10} {'ratio':>6}"
+        f" {'filter CPU ms/msg':>18} {'own p50/p99 ms':>15} {'total p50/p99 ms':>17}"
+    )
+    for size, rcpts in cases:
+        base = results["direct"][(size, rcpts)]
+        with_filter = results["lmtp"][(size, rcpts)]
+        cpu, own50, own99, total50, total99 = filter_stats[(size, rcpts)]
+        print(
+            f"{size // 1024:>4}KB {rcpts:>5} {base:>10.1f} {with_filter:>10.1f}"
+            f" {with_filter / base:>6.2f} {cpu:>18.1f} {own50:>7.1f}/{own99:<7.1f}"
+            f" {total50:>8.1f}/{total99:<8.1f}"
+        )
+    print()
+    print("own = the filter's processing (classify, key lookup, encrypt, assemble), delivery")
+    print("excluded; total = end of DATA to the last reply, Dovecot's delivery included.")
+
+
+if __name__ == "__main__":
+    main()

@@ -119,6 +119,8 @@ def find_armor(text: bytes, *, max_decode: int | None = None) -> Armored | None:
     are still required to be present), for callers that only need the leading packets.
     Returns None when there is no complete, decodable armor.
     """
+    if b"-----BEGIN PGP " not in text:  # the common case, without the regex
+        return None
     begin = _ARMOR_BEGIN.search(text)
     if begin is None:
         return None

@@ -172,14 +172,17 @@ class MailFilter:
             return
         inner = message.inner_entity()
         started = time.monotonic()
-        results = await asyncio.gather(
+        results: list[bytes | BaseException | None] = await asyncio.gather(
             *(self._encrypt(inner, d.recipient) for d in todo if d.recipient is not None),
             return_exceptions=True,
         )
         report.encrypt_seconds = time.monotonic() - started
-        for decision, result in zip(todo, results, strict=True):
+        for position, decision in enumerate(todo):
+            result = results[position]
+            results[position] = None  # a large ciphertext is not kept twice
             if isinstance(result, bytes):
                 decision.payload = pgpmime.assemble(message, result)
+                del result
                 continue
             decision.outcome = Outcome.FAILED
             decision.reply = TEMPORARY_FAILURE

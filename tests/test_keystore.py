@@ -63,7 +63,7 @@ def test_flooded_key_is_stripped_quickly(key_factory: KeyFactory, alice: TestKey
 
 def test_explicit_binding_and_uid_selection(key_factory: KeyFactory) -> None:
     multi = key_factory.make_multi_uid(["one@example.test", "two@other.test"])
-    assert validate_key(multi.public).addresses == ("one@example.test", "two@other.test")
+    assert set(validate_key(multi.public).addresses) == {"one@example.test", "two@other.test"}
     only = validate_key(multi.public, address="Two@Other.test")
     assert only.addresses == ("two@other.test",)
     assert [u for u in only.key.user_ids if "one@" in u] == []

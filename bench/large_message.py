@@ -1,0 +1,92 @@
+"""Memory and time for one large message through the filter (its own process, real gpg, a
+sink as downstream): the resident-set growth must stay a small multiple of the message size.
+
+    .venv/bin/python bench/large_message.py [--mb 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from gpgfilter.config import Endpoint
+from gpgfilter.deliver import MailClient
+from tests.e2e_stack import FilterProcess
+from tests.fakes import Downstream
+from tests.mailstack import free_port
+from tests.openpgp_tools import KeyFactory
+
+
+def message(megabytes: int) -> bytes:
+    head = (
+        b"From: a@example.test\r\nTo: r@example.test\r\nSubject: big\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n--b\r\nContent-Type: text/plain\r\n'
+        b"\r\nsee attachment\r\n--b\r\nContent-Type: application/octet-stream\r\n"
+        b"Content-Transfer-Encoding: base64\r\n\r\n"
+    )
+    raw = os.urandom(megabytes * 1024 * 1024 * 3 // 4)
+    import base64
+
+    body = base64.encodebytes(raw).replace(b"\n", b"\r\n")
+    return head + body + b"--b--\r\n"
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def run(megabytes: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp, KeyFactory(Path(tmp) / "keys") as keys:
+        root = Path(tmp)
+        key = keys.make("r@example.test", algo="rsa3072")
+        sink = Downstream(lmtp=True)
+        await sink.start()
+        port = free_port()
+        filter_process = FilterProcess(
+            root / "filter", mode="lmtp", port=port, deliver_port=sink.port
+        )
+        filter_process.import_key(key.public)
+        filter_process.start()
+        try:
+            client = MailClient(Endpoint("127.0.0.1", port), lmtp=True, helo="bench", timeout=600)
+            await client.send("a@example.test", ["r@example.test"], message(1))  # warm up
+            idle = peak_rss_mb(filter_process.pid)
+            data = message(megabytes)
+            sink.deliveries.clear()
+            started = time.monotonic()
+            replies = await client.send("a@example.test", ["r@example.test"], data)
+            elapsed = time.monotonic() - started
+            peak = peak_rss_mb(filter_process.pid)
+            stored = len(sink.deliveries[0].data) if sink.deliveries else 0
+            await client.close()
+        finally:
+            filter_process.stop()
+            await sink.stop()
+    print(f"message: {len(data) / 1e6:.1f} MB, reply: {replies[0]}")
+    print(f"stored (encrypted) size: {stored / 1e6:.1f} MB ({stored / len(data):.2f}x)")
+    print(f"time through the filter: {elapsed:.2f} s")
+    print(
+        f"filter process peak RSS: {idle:.0f} MB after a 1 MB message, {peak:.0f} MB after"
+        f" this one (+{peak - idle:.0f} MB, {(peak - idle) * 1e6 / len(data) / 1.048576:.1f}x"
+        " the message)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mb", type=int, default=20)
+    asyncio.run(run(parser.parse_args().mb))
+
+
+if __name__ == "__main__":
+    main()

@@ -69,7 +69,7 @@ def check_ciphertext(armored: bytes, recipient: Recipient) -> None:
         raise EngineError("the ciphertext is not integrity-protected data clients can read")
 
 
-_GPG_OPTIONS = [
+GPG_OPTIONS = [
     # Every gpg process locks the random seed file: concurrent encryptions queue on it.
     "--no-random-seed-file",
     # Never look keys up anywhere: we name each key by fingerprint from our own store.
@@ -121,7 +121,7 @@ class GnuPGEngine:
             "--no-tty",
             "--status-fd",
             "2",
-            *_GPG_OPTIONS,
+            *GPG_OPTIONS,
             "--trust-model",
             "always",
             "--compress-level",
@@ -166,7 +166,7 @@ class GnuPGEngine:
     def _build_home(self, home: Path, key_data: bytes, wanted: tuple[str, ...]) -> None:
         building = Path(tempfile.mkdtemp(prefix=".build-", dir=self._homes))
         try:
-            base = [self.binary, "--homedir", str(building), "--batch", *_GPG_OPTIONS]
+            base = [self.binary, "--homedir", str(building), "--batch", *GPG_OPTIONS]
             # gpg's exit status after an import also reflects a failed (and useless) attempt
             # to reach an agent, e.g. when the home's path is too long for a socket: judge
             # the result by what the new home holds instead.

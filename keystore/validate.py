@@ -19,21 +19,13 @@ from typing import Any
 import gnupg
 
 from gpgfilter import openpgp
+from gpgfilter.engine import GPG_OPTIONS
 from keystore.model import EncryptionKey, StoredKey
 
 log = logging.getLogger(__name__)
 
 MAX_KEY_BYTES = 8 * 1024 * 1024
 _UNUSABLE_VALIDITY = {"e": "has expired", "r": "is revoked", "i": "is invalid"}
-_GPG_OPTIONS = [
-    "--no-random-seed-file",
-    "--no-auto-key-retrieve",
-    "--auto-key-locate",
-    "local",
-    "--no-greeting",
-    # Public-key work needs no agent; without this, importing starts one per gpg home.
-    "--no-autostart",
-]
 
 
 class KeyRejected(ValueError):
@@ -170,7 +162,7 @@ class _Homedir:
         path.mkdir(mode=0o700)
         self.path = path
         self.binary = gpg_binary
-        self.gpg = gnupg.GPG(gpgbinary=gpg_binary, gnupghome=str(path), options=_GPG_OPTIONS)
+        self.gpg = gnupg.GPG(gpgbinary=gpg_binary, gnupghome=str(path), options=GPG_OPTIONS)
 
     def export_minimal(self, fingerprint: str, addresses: list[str]) -> bytes:
         command = [
@@ -178,7 +170,7 @@ class _Homedir:
             "--homedir",
             str(self.path),
             "--batch",
-            *_GPG_OPTIONS,
+            *GPG_OPTIONS,
             "--export-options",
             "export-minimal,export-clean",
             # gpg 2.2 has this filter for export only, hence the second home.

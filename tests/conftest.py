@@ -1,27 +1,11 @@
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.openpgp_tools import KeyFactory, TestKey
-
-
-def require_mail_stack() -> None:
-    """Skip where the real mail stack cannot run; in CI that is a failure, never a skip."""
-    missing = [b for b in ("postfix", "dovecot", "sq", "rnp") if not shutil.which(b)]
-    reason = ""
-    if os.geteuid() != 0:
-        reason = "the end-to-end tests run Postfix and Dovecot and need root"
-    elif missing:
-        reason = f"missing programs: {', '.join(missing)}"
-    if reason:
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")

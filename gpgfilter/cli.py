@@ -14,7 +14,7 @@ from gpgfilter.config import Config, ConfigError, load
 from gpgfilter.service import run
 from keystore.sqlite import SQLiteKeyStore
 from keystore.store import StoreError
-from keystore.validate import KeyRejected, validate_key
+from keystore.validate import KeyRejected, KeyRevoked, validate_key
 
 
 def setup_logging(level: str) -> None:
@@ -119,12 +119,23 @@ def import_keys(
             click.echo(f"{path}: cannot read: {error.strerror}", err=True)
             failed += 1
             continue
+        except KeyRevoked as revoked:
+            holders = store.revoke(revoked.fingerprint)
+            if holders:
+                click.echo(
+                    f"{path}: {revoked.fingerprint} is revoked: mail for its {holders} address(es)"
+                    " is held (policy.unusable_key) until a new key is registered"
+                )
+                continue
+            click.echo(f"{path}: refused: {revoked}", err=True)
+            failed += 1
+            continue
         except KeyRejected as error:
             click.echo(f"{path}: refused: {error}", err=True)
             failed += 1
             continue
-        for bound in validated.addresses:
-            store.bind(bound, validated.key, replace=not add)
+        for address_bound in validated.addresses:
+            store.bind(address_bound, validated.key, replace=not add)
         click.echo(
             f"{path}: {validated.key.fingerprint} registered for {', '.join(validated.addresses)}"
         )

@@ -27,10 +27,13 @@ class StoredKey:
     expires: int | None  # of the primary key
     encryption_keys: tuple[EncryptionKey, ...]
     user_ids: tuple[str, ...]
+    revoked: bool = False  # its owner published a revocation: never encrypt to it again
 
     def usable_encryption_keys(self, now: float | None = None) -> tuple[str, ...]:
         """Fingerprints of the (sub)keys to encrypt to now; empty when the key cannot encrypt."""
         moment = time.time() if now is None else now
+        if self.revoked:
+            return ()
         if self.expires is not None and self.expires <= moment:
             return ()
         return tuple(k.fingerprint for k in self.encryption_keys if k.usable_at(moment))

@@ -27,6 +27,7 @@ CREATE TABLE IF NOT EXISTS keys (
     expires INTEGER,
     encryption_keys TEXT NOT NULL,
     user_ids TEXT NOT NULL,
+    revoked INTEGER NOT NULL DEFAULT 0,
     updated INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS bindings (
@@ -107,7 +108,7 @@ class SQLiteKeyStore:
                     self._connection()
                     .execute(
                         "SELECT k.fingerprint, k.key_data, k.expires, k.encryption_keys,"
-                        " k.user_ids FROM bindings b JOIN keys k USING (fingerprint)"
+                        " k.user_ids, k.revoked FROM bindings b JOIN keys k USING (fingerprint)"
                         " WHERE b.address = ? ORDER BY b.created, k.fingerprint",
                         (address,),
                     )
@@ -125,7 +126,7 @@ class SQLiteKeyStore:
                     self._connection()
                     .execute(
                         "SELECT b.address, b.created, k.fingerprint, k.key_data, k.expires,"
-                        " k.encryption_keys, k.user_ids FROM bindings b"
+                        " k.encryption_keys, k.user_ids, k.revoked FROM bindings b"
                         " JOIN keys k USING (fingerprint) ORDER BY b.address, k.fingerprint"
                     )
                     .fetchall()
@@ -170,6 +171,22 @@ class SQLiteKeyStore:
             except sqlite3.Error as error:
                 raise StoreError(f"key store update failed: {error}") from error
 
+    def revoke(self, fingerprint: str) -> int:
+        with self._lock:
+            conn = self._connection()
+            try:
+                with conn:
+                    conn.execute(
+                        "UPDATE keys SET revoked = 1, updated = ? WHERE fingerprint = ?",
+                        (int(time.time()), fingerprint),
+                    )
+                    row = conn.execute(
+                        "SELECT count(*) FROM bindings WHERE fingerprint = ?", (fingerprint,)
+                    ).fetchone()
+            except sqlite3.Error as error:
+                raise StoreError(f"key store update failed: {error}") from error
+            return int(row[0])
+
     def remove(self, address_or_fingerprint: str) -> int:
         with self._lock:
             conn = self._connection()
@@ -195,7 +212,7 @@ def _delete_unbound(conn: sqlite3.Connection) -> None:
 
 
 def _row_to_key(row: tuple[object, ...] | list[object]) -> StoredKey:
-    fingerprint, key_data, expires, encryption_keys, user_ids = row
+    fingerprint, key_data, expires, encryption_keys, user_ids, revoked = row
     assert isinstance(fingerprint, str) and isinstance(key_data, bytes)
     assert isinstance(encryption_keys, str) and isinstance(user_ids, str)
     return StoredKey(
@@ -204,4 +221,5 @@ def _row_to_key(row: tuple[object, ...] | list[object]) -> StoredKey:
         expires=expires if isinstance(expires, int) else None,
         encryption_keys=tuple(EncryptionKey(f, e) for f, e in json.loads(encryption_keys)),
         user_ids=tuple(json.loads(user_ids)),
+        revoked=bool(revoked),
     )

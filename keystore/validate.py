@@ -32,6 +32,14 @@ class KeyRejected(ValueError):
     """The upload is not a key we can register; the message says precisely why."""
 
 
+class KeyRevoked(KeyRejected):
+    """A revoked key: useless for new registrations, but news for a registered one."""
+
+    def __init__(self, fingerprint: str) -> None:
+        super().__init__("the key is revoked")
+        self.fingerprint = fingerprint
+
+
 @dataclass(frozen=True, slots=True)
 class ValidatedKey:
     key: StoredKey
@@ -127,6 +135,8 @@ def _uid_addresses(listed: dict[str, Any]) -> list[str]:
 def _stored_key(listed: dict[str, Any], minimal: bytes) -> StoredKey:
     fingerprint = listed["fingerprint"]
     validity = listed.get("trust", "")
+    if validity == "r":
+        raise KeyRevoked(fingerprint)
     if validity in _UNUSABLE_VALIDITY:
         raise KeyRejected(f"the key {_UNUSABLE_VALIDITY[validity]}")
     if "E" not in listed.get("cap", ""):

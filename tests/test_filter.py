@@ -12,7 +12,7 @@ import pytest
 
 from gpgfilter import rawmessage
 from gpgfilter.classify import Verdict, classify
-from gpgfilter.config import Config, Endpoint, PolicyConfig, load
+from gpgfilter.config import Endpoint, PolicyConfig, load
 from gpgfilter.deliver import MailClient, Reply
 from gpgfilter.engine import EngineError, Recipient
 from gpgfilter.metrics import Metrics
@@ -342,11 +342,3 @@ async def test_many_transactions_on_one_connection(harness: Callable[..., object
     assert (await say(b"QUIT")).startswith(b"221")
     writer.close()
     assert len(h.downstream.deliveries) == 3
-
-
-def test_config_defaults_are_those_documented() -> None:
-    config: Config = load(None, {"data_dir": "/tmp/x"})
-    assert config.mode == "lmtp"
-    assert str(config.listen) == "127.0.0.1:10025"
-    assert str(config.deliver_to) == "127.0.0.1:24"
-    assert str(load(None, {"mode": "smtp"}).deliver_to) == "127.0.0.1:10026"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import time
 from pathlib import Path
 
@@ -119,18 +120,46 @@ def test_admin_commands(tmp_path: Path, alice: TestKey, key_factory: KeyFactory)
     assert result.exit_code != 0
 
 
-def test_bad_config_names_key_and_problem(tmp_path: Path) -> None:
+def test_importing_a_revocation_holds_mail_instead_of_refusing(
+    tmp_path: Path, key_factory: KeyFactory
+) -> None:
+    """A registered key that its owner revoked must stop being used at once — and a stale
+    copy without the revocation must not bring it back."""
+    key = key_factory.make("rita@example.test")
     runner = CliRunner()
-    cases = {
-        "mode: pop3\n": "mode: must be one of lmtp, smtp",
-        "listen: nowhere\n": "listen: expected HOST:PORT",
-        "gpg:\n  compress_level: 12\n": "gpg.compress_level: must be between 0 and 9",
-        "policy:\n  no_kye: defer\n": "policy.no_kye: unknown key",
-        "- a list\n": "top level must be a mapping",
-    }
-    for text, expected in cases.items():
-        config = tmp_path / "bad.yaml"
-        config.write_text(text)
-        result = runner.invoke(main, ["-c", str(config), "serve"])
-        assert result.exit_code != 0
-        assert expected in result.output, (text, result.output)
+    config = tmp_path / "gpgfilter.yaml"
+    config.write_text(f"data_dir: {tmp_path / 'data'}\n")
+    original = tmp_path / "key.asc"
+    original.write_bytes(key.public)
+    assert runner.invoke(main, ["-c", str(config), "keys", "import", str(original)]).exit_code == 0
+    cert = (key.home / "openpgp-revocs.d" / f"{key.fingerprint}.rev").read_bytes()
+    subprocess.run(
+        ["gpg", "--homedir", str(key.home), "--batch", "--import"],
+        input=cert.replace(b"\n:-----BEGIN", b"\n-----BEGIN"),
+        capture_output=True,
+        check=True,
+    )
+    revoked = tmp_path / "revoked.asc"
+    revoked.write_bytes(
+        subprocess.run(
+            ["gpg", "--homedir", str(key.home), "--armor", "--export", key.fingerprint],
+            capture_output=True,
+            check=True,
+        ).stdout
+    )
+    result = runner.invoke(main, ["-c", str(config), "keys", "import", str(revoked)])
+    assert result.exit_code == 0 and "is revoked" in result.output, result.output
+    store = SQLiteKeyStore(tmp_path / "data" / "keys.sqlite")
+    (stored,) = store.keys_for("rita@example.test")
+    assert stored.revoked and stored.usable_encryption_keys() == ()
+    # Re-importing the old, unrevoked copy refreshes the key but does not un-revoke it.
+    assert runner.invoke(main, ["-c", str(config), "keys", "import", str(original)]).exit_code == 0
+    (stored,) = store.keys_for("rita@example.test")
+    assert stored.revoked
+    store.close()
+    # A revoked key nobody registered is simply refused.
+    other = key_factory.make_revoked("nobody@example.test")
+    fresh = tmp_path / "other.asc"
+    fresh.write_bytes(other.public)
+    result = runner.invoke(main, ["-c", str(config), "keys", "import", str(fresh)])
+    assert result.exit_code == 1 and "revoked" in result.output

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from keystore.store import KeyStore, StoreError
+
+EXPIRING_SOON_SECONDS = 14 * 86400
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _SIZE_BUCKETS = tuple(float(1 << n) for n in range(10, 28, 2))  # 1 KiB .. 128 MiB
@@ -53,3 +62,35 @@ class Metrics:
             "1 when the last key store lookup succeeded, 0 when it failed",
             registry=self.registry,
         )
+
+
+class KeyStateCollector(Collector):
+    """``gpgfilter_registered_keys{state}``, read from the store at each scrape: how many
+    registered keys are usable, expire within 14 days, or can no longer encrypt (their mail
+    is held)."""
+
+    def __init__(self, store: KeyStore) -> None:
+        self.store = store
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "gpgfilter_registered_keys",
+            "Registered keys by state: usable, expiring (within 14 days), unusable",
+            labels=["state"],
+        )
+        try:
+            bindings = self.store.bindings()
+        except StoreError:
+            return
+        now = time.time()
+        counts = {"usable": 0, "expiring": 0, "unusable": 0}
+        for key in {b.key.fingerprint: b.key for b in bindings}.values():
+            if not key.usable_encryption_keys(now):
+                counts["unusable"] += 1
+            elif not key.usable_encryption_keys(now + EXPIRING_SOON_SECONDS):
+                counts["expiring"] += 1
+            else:
+                counts["usable"] += 1
+        for state, count in counts.items():
+            family.add_metric([state], count)
+        yield family

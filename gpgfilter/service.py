@@ -15,7 +15,7 @@ from gpgfilter.config import Config
 from gpgfilter.deliver import MailClient
 from gpgfilter.engine import GnuPGEngine
 from gpgfilter.filter import MailFilter
-from gpgfilter.metrics import Metrics
+from gpgfilter.metrics import KeyStateCollector, Metrics
 from gpgfilter.receive import Handler, start_server
 from keystore.sqlite import SQLiteKeyStore
 
@@ -65,6 +65,7 @@ def build_filter(config: Config, metrics: Metrics) -> MailFilter:
 async def start(config: Config, metrics: Metrics | None = None) -> Service:
     metrics = metrics or Metrics()
     mail_filter = build_filter(config, metrics)
+    metrics.registry.register(KeyStateCollector(mail_filter.store))
     handler = Handler(mail_filter, lmtp=config.mode == "lmtp")
     server = await start_server(
         handler,

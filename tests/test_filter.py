@@ -277,12 +277,19 @@ async def test_unusable_key_policy(
     assert isinstance(key_factory, KeyFactory)
     key = key_factory.make("erin@example.test", expires="1d")
     register(data_dir, key)
+    from gpgfilter.metrics import KeyStateCollector
+
+    fresh = Metrics()
+    fresh.registry.register(KeyStateCollector(SQLiteKeyStore(data_dir / "keys.sqlite")))
+    assert fresh.registry.get_sample_value("gpgfilter_registered_keys", {"state": "expiring"}) == 1
     store = SQLiteKeyStore(data_dir / "keys.sqlite")
     (stored,) = store.keys_for("erin@example.test")
     expired = replace(stored, expires=1)  # the key's expiry has passed
     store.bind("erin@example.test", expired)
     store.close()
     h: Harness = await harness()  # type: ignore[misc]
+    state = h.metrics.registry.get_sample_value
+    assert state("gpgfilter_registered_keys", {"state": "unusable"}) == 1
     replies = await h.send(["erin@example.test"])
     assert replies[0].code == 451 and "expired" in replies[0].text
     assert h.downstream.deliveries == []

@@ -244,21 +244,25 @@ def test_dovecot_down_defers_then_delivers_once(lmtp_stack: Stack, alice: TestKe
 def test_per_recipient_replies_delivered_deferred_bounced(
     lmtp_stack: Stack, alice: TestKey
 ) -> None:
-    """Dovecot answers 250 / 452 / 550 for three recipients of one message."""
+    """Dovecot answers 250 / 452 / 550 for three recipients of one message: delivered,
+    deferred then delivered once, bounced — and the bounce, which quotes the message, reaches
+    the enrolled sender encrypted, because it too passes the filter."""
     stack = lmtp_stack
-    fresh(stack, "alice@example.test", "full@example.test", "sender@example.test")
-    send(stack, ["alice@example.test", "full@example.test", "ghost@example.test"], _note(3))
+    fresh(stack, "alice@example.test", "carol@example.test", "full@example.test")
+    rcpts = ["carol@example.test", "full@example.test", "ghost@example.test"]
+    stack.postfix.send("alice@example.test", rcpts, _note(3))
     stack.postfix.wait_log(r"to=<full@example.test>.*status=deferred.*452")
     stack.postfix.wait_log(r"to=<ghost@example.test>.*status=bounced")
-    stack.postfix.wait_log(r"to=<alice@example.test>.*status=sent")
-    # The bounce (from the null sender) reached the sender's mailbox, through the filter.
-    (bounce,) = stack.dovecot.wait_for("sender@example.test", 1)
-    assert b"ghost@example.test" in bounce
+    stack.postfix.wait_log(r"to=<carol@example.test>.*status=sent")
+    (bounce,) = stack.dovecot.wait_for("alice@example.test", 1)
+    report = decrypt_gpg(alice, armored_part(bounce))
+    assert b"ghost@example.test" in report and b"secret body 3" in report
+    assert b"secret body" not in bounce
     stack.dovecot.set_quota("full@example.test", None)
     _settle(stack, "full@example.test", 1)
     stack.postfix.wait_queue_empty()
-    assert stack.dovecot.count("alice@example.test") == 1, "alice got a duplicate"
-    assert stack.dovecot.count("sender@example.test") == 1, "a second bounce"
+    assert stack.dovecot.count("carol@example.test") == 1, "carol got a duplicate"
+    assert stack.dovecot.count("alice@example.test") == 1, "a second bounce"
     _clear_log(stack)
 
 

@@ -111,10 +111,23 @@ class MailFilter:
         # before anything is delivered.
         self.all_or_nothing = all_or_nothing
         self._gpg_slots = asyncio.Semaphore(gpg_processes)
+        self._active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def drain(self, seconds: float) -> bool:
+        """Wait until no message is being processed (at most ``seconds``); True if none is."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), seconds)
+        except TimeoutError:
+            return False
+        return True
 
     async def process(self, envelope: Envelope) -> list[Reply]:
         """One reply per recipient, in envelope order. Never raises."""
         self.metrics.in_flight.inc()
+        self._active += 1
+        self._idle.clear()
         try:
             return await self._process(envelope)
         except Exception:  # a bug of ours: defer, never bounce, never lose
@@ -123,6 +136,9 @@ class MailFilter:
             return [TEMPORARY_FAILURE] * len(envelope.recipients)
         finally:
             self.metrics.in_flight.dec()
+            self._active -= 1
+            if not self._active:
+                self._idle.set()
 
     async def _process(self, envelope: Envelope) -> list[Reply]:
         started = time.monotonic()

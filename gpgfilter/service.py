@@ -28,8 +28,15 @@ class Service:
     filter: MailFilter
     server: asyncio.AbstractServer
 
-    async def close(self) -> None:
+    async def close(self, drain_seconds: float = 30.0) -> None:
+        """Stop accepting connections, let messages in progress finish (bounded), then stop.
+
+        A message still unfinished after ``drain_seconds`` loses its connection before any
+        reply, so Postfix keeps it and retries: nothing is lost either way.
+        """
         self.server.close()
+        if not await self.filter.drain(drain_seconds):
+            log.warning("stopping with messages still in progress; Postfix will retry them")
         await self.server.wait_closed()
         await self.filter.deliverer.close()
         self.filter.store.close()

@@ -349,3 +349,27 @@ async def test_many_transactions_on_one_connection(harness: Callable[..., object
     assert (await say(b"QUIT")).startswith(b"221")
     writer.close()
     assert len(h.downstream.deliveries) == 3
+
+
+class SlowEngine:
+    def __init__(self, real: object, delay: float) -> None:
+        self.real = real
+        self.delay = delay
+
+    async def encrypt(self, plaintext: bytes, recipient: Recipient) -> bytes:
+        await asyncio.sleep(self.delay)
+        return await self.real.encrypt(plaintext, recipient)  # type: ignore[attr-defined, no-any-return]
+
+
+async def test_stopping_finishes_messages_in_progress(
+    harness: Callable[..., object], data_dir: Path, alice: TestKey
+) -> None:
+    register(data_dir, alice)
+    h: Harness = await harness()  # type: ignore[misc]
+    h.service.filter.engine = SlowEngine(h.service.filter.engine, 0.5)
+    sending = asyncio.create_task(h.send(["alice@example.test"]))
+    await asyncio.sleep(0.2)
+    await h.service.close()
+    replies = await sending
+    assert [r.code for r in replies] == [250]
+    assert len(h.delivered_to("alice@example.test")) == 1

@@ -83,6 +83,11 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=20, help="parallel SMTP sessions")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per case")
     parser.add_argument(
+        "--no-keys",
+        action="store_true",
+        help="register no keys: measures the filter as a pass-through, without encryption",
+    )
+    parser.add_argument(
         "--cases",
         default="10240x1,10240x3,51200x1,51200x3",
         help="comma-separated SIZExRECIPIENTS",
@@ -103,7 +108,7 @@ def main() -> None:
         Stack(Path(tmp) / "lmtp", mode="lmtp", users=[*RECIPIENTS, SENDER]) as filtered,
     ):
         assert filtered.filter is not None
-        for address in RECIPIENTS:
+        for address in [] if args.no_keys else RECIPIENTS:
             filtered.filter.import_key(keys.make(address, algo="rsa3072").public)
         for stack in (direct, filtered):  # warm up: caches, connections, gpg homes
             run_load(stack, messages=50, size=10_240, rcpts=1, sessions=args.sessions)

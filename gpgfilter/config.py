@@ -113,7 +113,7 @@ class Config:
     recipient_delimiter: str = "+"
     max_message_size: int = 64 * 1024 * 1024
     # Seconds for a whole downstream transaction.
-    delivery_timeout: float = 600.0
+    delivery_timeout: float = 300.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     keystore: KeystoreConfig = field(default_factory=KeystoreConfig)
     gpg: GpgConfig = field(default_factory=GpgConfig)

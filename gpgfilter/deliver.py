@@ -104,9 +104,15 @@ class MailClient:
         self._idle: list[_Session] = []
 
     async def send(
-        self, mail_from: str, recipients: Sequence[str], data: bytes, *, smtputf8: bool = False
+        self,
+        mail_from: str,
+        recipients: Sequence[str],
+        data: bytes | Sequence[bytes],
+        *,
+        smtputf8: bool = False,
     ) -> list[Reply]:
-        """Deliver ``data``; returns one reply per recipient, in order.
+        """Deliver ``data`` (bytes, or pieces that each end a line); one reply per recipient,
+        in order.
 
         Replies already received stay valid when the connection fails later: an LMTP server that
         said 250 for the first recipient has delivered to it, whatever happens to the others.
@@ -115,7 +121,14 @@ class MailClient:
         fallback = UNAVAILABLE
         try:
             await asyncio.wait_for(
-                self._transaction(mail_from, recipients, data, smtputf8, replies), self.timeout
+                self._transaction(
+                    mail_from,
+                    recipients,
+                    (data,) if isinstance(data, bytes) else data,
+                    smtputf8,
+                    replies,
+                ),
+                self.timeout,
             )
         except _Refused as refused:
             fallback = refused.reply
@@ -165,7 +178,7 @@ class MailClient:
         self,
         mail_from: str,
         recipients: Sequence[str],
-        data: bytes,
+        data: Sequence[bytes],
         smtputf8: bool,
         replies: list[Reply | None],
     ) -> None:
@@ -199,18 +212,18 @@ class MailClient:
         session: _Session,
         mail_from: str,
         recipients: Sequence[str],
-        data: bytes,
+        data: Sequence[bytes],
         smtputf8: bool,
         replies: list[Reply | None],
     ) -> None:
         extensions = session.extensions
         options = []
-        if "8BITMIME" in extensions and not data.isascii():
+        if "8BITMIME" in extensions and not all(part.isascii() for part in data):
             options.append("BODY=8BITMIME")
         if smtputf8 and "SMTPUTF8" in extensions:
             options.append("SMTPUTF8")
         if "SIZE" in extensions:
-            options.append(f"SIZE={len(data)}")
+            options.append(f"SIZE={sum(len(part) for part in data)}")
         reset = session.used
         session.used = True
         commands = ["RSET"] if reset else []
@@ -260,7 +273,9 @@ class MailClient:
             session.writer.write(b".\r\n")
             await session.read_reply()
             return
-        session.writer.write(wire_body(data))
+        for part in data:  # each piece starts a line, so each can be made wire-ready alone
+            session.writer.write(wire_body(part))
+            await session.writer.drain()
         session.writer.write(b".\r\n")
         await session.writer.drain()
         if self.lmtp:

@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -40,8 +41,17 @@ class Recipient:
     encryption_keys: tuple[str, ...]  # fingerprints of the (sub)keys to encrypt to, all of them
 
 
+Plaintext = bytes | Sequence[bytes | memoryview]
+"""What an engine encrypts: the bytes, or pieces to be taken as one (no need to join a large
+message just to hand it over)."""
+
+
+def pieces(plaintext: Plaintext) -> Sequence[bytes | memoryview]:
+    return (plaintext,) if isinstance(plaintext, bytes) else plaintext
+
+
 class Engine(Protocol):
-    async def encrypt(self, plaintext: bytes, recipient: Recipient) -> bytes:
+    async def encrypt(self, plaintext: Plaintext, recipient: Recipient) -> bytes:
         """Return an ASCII-armored OpenPGP message readable with exactly the recipient's keys."""
         ...
 
@@ -111,7 +121,7 @@ class GnuPGEngine:
             raise EngineError(f"cannot run gpg ({binary}): exit {done.returncode}")
         self.version = first[0].rsplit(" ", 1)[-1]
 
-    async def encrypt(self, plaintext: bytes, recipient: Recipient) -> bytes:
+    async def encrypt(self, plaintext: Plaintext, recipient: Recipient) -> bytes:
         home = await self._home_for(recipient)
         command = [
             self.binary,
@@ -138,7 +148,12 @@ class GnuPGEngine:
             stderr=asyncio.subprocess.PIPE,
         )
         try:
-            armored, errors = await process.communicate(plaintext)
+            _, armored, errors = await asyncio.gather(
+                _feed(process.stdin, pieces(plaintext)),
+                _drain(process.stdout, crlf=True),
+                _drain(process.stderr),
+            )
+            await process.wait()
         except BaseException:
             if process.returncode is None:
                 process.kill()
@@ -189,6 +204,35 @@ class GnuPGEngine:
         except BaseException:
             shutil.rmtree(building, ignore_errors=True)
             raise
+
+
+_CHUNK = 1 << 16
+
+
+async def _feed(stdin: asyncio.StreamWriter | None, parts: Sequence[bytes | memoryview]) -> None:
+    """Write in chunks, waiting for the pipe each time: the event loop never buffers (that is,
+    copies) a whole large message."""
+    assert stdin is not None
+    try:
+        for part in parts:
+            view = memoryview(part)
+            for start in range(0, len(view), _CHUNK):
+                stdin.write(view[start : start + _CHUNK])
+                await stdin.drain()
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # gpg stopped reading: its exit status says why
+    finally:
+        stdin.close()
+
+
+async def _drain(stream: asyncio.StreamReader | None, *, crlf: bool = False) -> bytes:
+    """Read to the end. With ``crlf``, turn gpg's LF line ends (armor has no CR) into the CRLF
+    that mail needs, chunk by chunk rather than with one more copy of the whole output."""
+    assert stream is not None
+    chunks = []
+    while chunk := await stream.read(_CHUNK):
+        chunks.append(chunk.replace(b"\n", b"\r\n") if crlf else chunk)
+    return b"".join(chunks)
 
 
 def _status_keywords(stderr: bytes) -> set[str]:

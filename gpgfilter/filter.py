@@ -25,7 +25,7 @@ from gpgfilter import pgpmime
 from gpgfilter.classify import Verdict, classify
 from gpgfilter.config import PolicyConfig
 from gpgfilter.deliver import Reply
-from gpgfilter.engine import Engine, EngineError, Recipient, check_ciphertext
+from gpgfilter.engine import Engine, EngineError, Plaintext, Recipient, check_ciphertext
 from gpgfilter.metrics import Metrics
 from gpgfilter.rawmessage import RawMessage, split
 from gpgfilter.recipients import canonical_address
@@ -53,7 +53,12 @@ class Outcome(enum.Enum):
 
 class Deliverer(Protocol):
     async def send(
-        self, mail_from: str, recipients: Sequence[str], data: bytes, *, smtputf8: bool = False
+        self,
+        mail_from: str,
+        recipients: Sequence[str],
+        data: bytes | Sequence[bytes],
+        *,
+        smtputf8: bool = False,
     ) -> list[Reply]: ...
 
     async def close(self) -> None: ...
@@ -72,7 +77,7 @@ class _Decision:
     outcome: Outcome
     recipient: Recipient | None = None  # set when the copy must be encrypted
     reply: Reply | None = None  # set when we answer without delivering
-    payload: bytes | None = None
+    payload: list[bytes] | None = None
 
 
 @dataclass(slots=True)
@@ -186,7 +191,7 @@ class MailFilter:
         todo = [d for d in decisions if d.recipient is not None]
         if not todo:
             return
-        inner = message.inner_entity()
+        inner = message.inner_parts()
         started = time.monotonic()
         results: list[bytes | BaseException | None] = await asyncio.gather(
             *(self._encrypt(inner, d.recipient) for d in todo if d.recipient is not None),
@@ -210,7 +215,7 @@ class MailFilter:
                 log.error("unexpected encryption error", exc_info=result)
                 report.notes.append(f"encryption error: {type(result).__name__}")
 
-    async def _encrypt(self, inner: bytes, recipient: Recipient) -> bytes:
+    async def _encrypt(self, inner: Plaintext, recipient: Recipient) -> bytes:
         async with self._gpg_slots:  # a bounded number of engine processes at once
             started = time.monotonic()
             armored = await asyncio.wait_for(
@@ -224,7 +229,7 @@ class MailFilter:
         self, envelope: Envelope, decisions: list[_Decision], report: _Report
     ) -> list[Reply]:
         replies: list[Reply | None] = [d.reply for d in decisions]
-        groups: list[tuple[bytes, list[int]]] = []
+        groups: list[tuple[bytes | list[bytes], list[int]]] = []
         unchanged = [i for i, d in enumerate(decisions) if d.reply is None and d.payload is None]
         if unchanged:
             groups.append((envelope.content, unchanged))

@@ -17,14 +17,18 @@ def new_boundary() -> str:
     return f"gpgfilter.{secrets.token_hex(16)}_"
 
 
-def assemble(message: RawMessage, armored: bytes, boundary: str | None = None) -> bytes:
-    """The encrypted message: outer header fields, RFC 3156 headers and body."""
+def assemble(message: RawMessage, armored: bytes, boundary: str | None = None) -> list[bytes]:
+    """The encrypted message: outer header fields, RFC 3156 headers and body.
+
+    Returned in three pieces, each ending a line, so that a large ciphertext is not copied once
+    more just to be joined to a few header lines.
+    """
     mark = (boundary or new_boundary()).encode("ascii")
     if b"\r\n" not in armored:
         armored = armored.replace(b"\n", CRLF)
     if not armored.endswith(CRLF):
         armored += CRLF
-    return b"".join(
+    head = b"".join(
         (
             join_fields(message.outer_fields),
             b"MIME-Version: 1.0\r\n",
@@ -42,8 +46,6 @@ def assemble(message: RawMessage, armored: bytes, boundary: str | None = None) -
             b"Content-Description: OpenPGP encrypted message\r\n",
             b'Content-Disposition: inline; filename="encrypted.asc"\r\n',
             CRLF,
-            armored,
-            CRLF,
-            b"--" + mark + b"--" + CRLF,
         )
     )
+    return [head, armored, CRLF + b"--" + mark + b"--" + CRLF]

@@ -62,14 +62,22 @@ class HeaderField:
 
 @dataclass(frozen=True, slots=True)
 class RawMessage:
-    """A message cut into header fields, separator and body; joining them gives the input back."""
+    """A message cut into header fields, separator and body; nothing is copied: the body is
+    a range of ``raw``, so a 20 MB message is not held twice just to be looked at."""
 
     fields: tuple[HeaderField, ...]
     separator: bytes
-    body: bytes
+    raw: bytes
+    body_start: int
 
-    def to_bytes(self) -> bytes:
-        return b"".join(f.raw for f in self.fields) + self.separator + self.body
+    @property
+    def body(self) -> bytes:
+        """The body bytes (a copy: prefer :attr:`body_view` for large messages)."""
+        return self.raw[self.body_start :]
+
+    @property
+    def body_view(self) -> memoryview:
+        return memoryview(self.raw)[self.body_start :]
 
     def first(self, name: str) -> HeaderField | None:
         """The first field called ``name`` (lower-case), if any."""
@@ -86,15 +94,20 @@ class RawMessage:
     def outer_fields(self) -> tuple[HeaderField, ...]:
         return tuple(f for f in self.fields if not f.is_content)
 
-    def inner_entity(self) -> bytes:
-        """The MIME entity that gets encrypted: ``Content-*`` and ``MIME-Version`` fields verbatim,
-        in their order, then the separator and the body exactly as received.
+    def inner_parts(self) -> tuple[bytes, memoryview]:
+        """The MIME entity that gets encrypted, in two pieces (no copy of the body):
+        ``Content-*`` and ``MIME-Version`` fields verbatim, in their order, then the separator,
+        then the body exactly as received.
 
         A message without a separator gets a CRLF one, so that the entity stays well-formed; a
         field cut off by the end of input gets the line ending it lacked.
         """
         head = b"".join(f.terminated for f in self.content_fields)
-        return head + (self.separator or CRLF) + self.body
+        return head + (self.separator or CRLF), self.body_view
+
+    def inner_entity(self) -> bytes:
+        """:meth:`inner_parts` as one bytes object."""
+        return b"".join(self.inner_parts())
 
 
 def _lines(data: bytes) -> Iterator[tuple[int, int]]:
@@ -133,7 +146,7 @@ def split(raw: bytes) -> RawMessage:
         if field_start is not None:
             fields.append(HeaderField(raw[field_start:]))
         position = len(raw)
-    return RawMessage(tuple(fields), separator, raw[position:])
+    return RawMessage(tuple(fields), separator, raw, position)
 
 
 @dataclass(frozen=True, slots=True)

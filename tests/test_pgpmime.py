@@ -31,7 +31,7 @@ def encrypt_message(engine: GnuPGEngine, key: TestKey, raw: bytes) -> bytes:
     message = split(raw)
     armored = asyncio.run(engine.encrypt(message.inner_entity(), recipient))
     check_ciphertext(armored, recipient)
-    return pgpmime.assemble(message, armored)
+    return b"".join(pgpmime.assemble(message, armored))
 
 
 @settings(

@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from gpgfilter.config import Config, ConfigError, load
+from gpgfilter.engine import EngineError
 from gpgfilter.service import run
 from keystore.sqlite import SQLiteKeyStore
 from keystore.store import StoreError
@@ -82,7 +83,7 @@ def serve(
     setup_logging(config.log_level)
     try:
         run(config)
-    except (StoreError, OSError) as error:
+    except (StoreError, EngineError, OSError) as error:
         raise click.ClickException(str(error)) from None
 
 
@@ -120,7 +121,10 @@ def import_keys(
             failed += 1
             continue
         except KeyRevoked as revoked:
-            holders = store.revoke(revoked.fingerprint)
+            try:
+                holders = store.revoke(revoked.fingerprint)
+            except StoreError as error:
+                raise click.ClickException(str(error)) from None
             if holders:
                 click.echo(
                     f"{path}: {revoked.fingerprint} is revoked: mail for its {holders} address(es)"
@@ -134,8 +138,11 @@ def import_keys(
             click.echo(f"{path}: refused: {error}", err=True)
             failed += 1
             continue
-        for address_bound in validated.addresses:
-            store.bind(address_bound, validated.key, replace=not add)
+        try:
+            for address_bound in validated.addresses:
+                store.bind(address_bound, validated.key, replace=not add)
+        except StoreError as error:
+            raise click.ClickException(str(error)) from None
         click.echo(
             f"{path}: {validated.key.fingerprint} registered for {', '.join(validated.addresses)}"
         )
@@ -153,7 +160,11 @@ def list_keys(ctx: click.Context) -> None:
         click.echo(f"no key store yet at {config.keystore_path}", err=True)
         return
     store = _store(config, create=False)
-    for binding in store.bindings():
+    try:
+        bindings = store.bindings()
+    except StoreError as error:
+        raise click.ClickException(str(error)) from None
+    for binding in bindings:
         key = binding.key
         expires = "never"
         if key.expires:
@@ -170,7 +181,10 @@ def remove_key(ctx: click.Context, target: str) -> None:
     """Remove an address's keys, or a key (by fingerprint) from every address."""
     config = _load(ctx)
     store = _store(config, create=False)
-    removed = store.remove(target.replace(" ", ""))
+    try:
+        removed = store.remove(target.replace(" ", ""))
+    except StoreError as error:
+        raise click.ClickException(str(error)) from None
     store.close()
     if not removed:
         raise click.ClickException(f"nothing registered for {target}")

@@ -64,3 +64,15 @@ def test_config_defaults_are_those_documented() -> None:
     assert str(config.listen) == "127.0.0.1:10025"
     assert str(config.deliver_to) == "127.0.0.1:24"
     assert str(load(None, {"mode": "smtp"}).deliver_to) == "127.0.0.1:10026"
+
+
+def test_missing_gpg_is_a_clear_start_error(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"data_dir: {tmp_path / 'data'}\nlisten: 127.0.0.1:0\n"
+        "metrics:\n  enabled: false\ngpg:\n  binary: /nonexistent/gpg\n"
+    )
+    result = CliRunner().invoke(main, ["-c", str(config), "serve"])
+    assert result.exit_code == 1
+    assert "cannot run gpg (/nonexistent/gpg)" in result.output
+    assert "Traceback" not in result.output

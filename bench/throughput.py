@@ -83,6 +83,9 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=20, help="parallel SMTP sessions")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per case")
     parser.add_argument(
+        "--gpg-processes", type=int, default=None, help="gpg.max_processes for the filter"
+    )
+    parser.add_argument(
         "--no-keys",
         action="store_true",
         help="register no keys: measures the filter as a pass-through, without encryption",
@@ -105,7 +108,12 @@ def main() -> None:
         tempfile.TemporaryDirectory(prefix="gpgfilter-bench-") as tmp,
         KeyFactory(Path(tmp) / "keys") as keys,
         Stack(Path(tmp) / "direct", mode="direct", users=[*RECIPIENTS, SENDER]) as direct,
-        Stack(Path(tmp) / "lmtp", mode="lmtp", users=[*RECIPIENTS, SENDER]) as filtered,
+        Stack(
+            Path(tmp) / "lmtp",
+            mode="lmtp",
+            users=[*RECIPIENTS, SENDER],
+            gpg_yaml=f"  max_processes: {args.gpg_processes}\n" if args.gpg_processes else "",
+        ) as filtered,
     ):
         assert filtered.filter is not None
         for address in [] if args.no_keys else RECIPIENTS:

@@ -134,6 +134,10 @@ class GnuPGEngine:
             *GPG_OPTIONS,
             "--trust-model",
             "always",
+            # A key set's home is written once, when it is built, and only read after that:
+            # without this, every gpg takes a lock file on the keyring, and concurrent mail
+            # for one recipient queues on it.
+            "--lock-never",
             "--compress-level",
             str(self.compress_level),
             "--armor",

@@ -24,7 +24,9 @@ class FilterProcess:
     test can break encryption in the running process and mend it again.
     """
 
-    def __init__(self, root: Path, *, mode: str, port: int, deliver_port: int) -> None:
+    def __init__(
+        self, root: Path, *, mode: str, port: int, deliver_port: int, extra_yaml: str = ""
+    ) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.mode = mode
@@ -43,7 +45,7 @@ class FilterProcess:
             f"data_dir: {self.data_dir}\n"
             "hostname: filter.test\n"
             "log_level: info\n"
-            f"gpg:\n  binary: {self.gpg_wrapper}\n"
+            f"gpg:\n  binary: {self.gpg_wrapper}\n{extra_yaml}"
             f"metrics:\n  listen: 127.0.0.1:{self.metrics_port}\n"
         )
         self.process: subprocess.Popen[bytes] | None = None
@@ -133,6 +135,7 @@ class Stack:
         mode: str,
         users: list[str],
         domains: tuple[str, ...] = ("example.test",),
+        gpg_yaml: str = "",
     ) -> None:
         self.root = root
         self.mode = mode
@@ -155,6 +158,7 @@ class Stack:
                 mode="smtp" if mode == "content_filter" else "lmtp",
                 port=filter_port,
                 deliver_port=deliver,
+                extra_yaml=gpg_yaml,
             )
 
     def start(self) -> Stack:

@@ -166,6 +166,9 @@ class GnuPGEngine:
             raise
         keywords = _status_keywords(errors)
         if process.returncode != 0 or "END_ENCRYPTION" not in keywords:
+            # The home may be what is broken (a damaged keyring): it is derived state, so drop
+            # it and let the retry that Postfix will make rebuild it from the store.
+            await asyncio.to_thread(shutil.rmtree, home, True)
             raise EngineError(
                 f"gpg failed (exit {process.returncode}, status {' '.join(sorted(keywords))})"
             )

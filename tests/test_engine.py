@@ -116,3 +116,22 @@ def test_keyset_home_is_rebuilt_when_missing(tmp_path: Path, alice: TestKey) -> 
             item.unlink() if item.is_file() or item.is_socket() else item.rmdir()
         child.rmdir()
     assert decrypt_gpg(alice, encrypt(engine, b"again", recipient)) == b"again"
+
+
+def test_damaged_keyring_defers_once_then_heals(tmp_path: Path, alice: TestKey) -> None:
+    engine = GnuPGEngine(home=tmp_path / "home")
+    recipient = recipient_of(alice)
+    encrypt(engine, b"x", recipient)
+    (home,) = (tmp_path / "home" / "keysets").iterdir()
+    (home / "pubring.kbx").write_bytes(b"garbage" * 100)
+    with pytest.raises(EngineError):
+        encrypt(engine, b"x", recipient)
+    assert decrypt_gpg(alice, encrypt(engine, b"healed", recipient)) == b"healed"
+
+
+def test_corrupt_stored_key_is_an_error(tmp_path: Path, alice: TestKey) -> None:
+    engine = GnuPGEngine(home=tmp_path / "home")
+    good = recipient_of(alice)
+    broken = Recipient(good.key_data[: len(good.key_data) // 2], good.encryption_keys)
+    with pytest.raises(EngineError, match="could not import"):
+        encrypt(engine, b"x", broken)

@@ -129,8 +129,10 @@ def find_armor(text: bytes, *, max_decode: int | None = None) -> Armored | None:
     end = text.find(end_line, begin.end())
     if end < 0:
         return None
-    block = text[begin.end() : end]
-    lines = block.replace(b"\r\n", b"\n").split(b"\n")
+    budget = None if max_decode is None else (max_decode // 3 + 1) * 4
+    # Only cut out what will be decoded: a 30 MB ciphertext is checked from its first lines.
+    stop = end if budget is None else min(end, begin.end() + 2 * budget + 4096)
+    lines = text[begin.end() : stop].replace(b"\r\n", b"\n").split(b"\n")
     index = 1  # lines[0] is the rest of the BEGIN line
     # Armor headers ("Key: value") run up to the first blank line.
     while index < len(lines) and lines[index].strip() and b":" in lines[index]:
@@ -138,7 +140,6 @@ def find_armor(text: bytes, *, max_decode: int | None = None) -> Armored | None:
     if index < len(lines) and not lines[index].strip():
         index += 1
     payload: list[bytes] = []
-    budget = None if max_decode is None else (max_decode // 3 + 1) * 4
     used = 0
     for line in lines[index:]:
         stripped = line.strip()

@@ -188,24 +188,20 @@ class MailClient:
         first reply never comes, nothing was accepted, and a fresh connection takes over.
         """
         session = self._reusable()
-        if session is not None:
+        while True:
+            if session is None:
+                session = await self._connect()  # a fresh session is never stale
             try:
                 await self._exchange(session, mail_from, recipients, data, smtputf8, replies)
             except _StaleConnection:
                 session.abort()
+                session = None
+                continue
             except BaseException:
                 session.abort()
                 raise
-            else:
-                self._checkin(session)
-                return
-        session = await self._connect()
-        try:
-            await self._exchange(session, mail_from, recipients, data, smtputf8, replies)
-        except BaseException:
-            session.abort()
-            raise
-        self._checkin(session)
+            self._checkin(session)
+            return
 
     async def _exchange(
         self,

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import logging
 import os
 import shutil
 import subprocess
@@ -25,8 +24,6 @@ from pathlib import Path
 from typing import Protocol
 
 from gpgfilter import openpgp
-
-log = logging.getLogger(__name__)
 
 
 class EngineError(Exception):
@@ -96,7 +93,7 @@ GPG_OPTIONS = [
 class GnuPGEngine:
     """Encrypts with one gpg process per call, driven by asyncio.
 
-    The process is fed and read with ``communicate()`` on the event loop: no thread per call
+    The process is fed and read concurrently on the event loop, in chunks: no thread per call
     (python-gnupg starts two per call, which measured ~1.5 ms of CPU and contention for the
     interpreter lock on the hot path; it stays in use where its parsing helps, for keys). A
     call that is cancelled — by the caller's timeout — kills its gpg process.

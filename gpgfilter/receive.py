@@ -36,6 +36,9 @@ class _LMTPServer(LMTP):
     line_length_limit = _LINE_LIMIT
 
 
+TOO_BIG = Reply(552, "5.3.4 Message too big for this system")
+
+
 def transaction_reply(replies: Sequence[Reply]) -> Reply:
     """SMTP's single answer for a whole transaction.
 
@@ -54,9 +57,10 @@ def transaction_reply(replies: Sequence[Reply]) -> Reply:
 class Handler:
     """aiosmtpd handler: turns a received transaction into a filter call and its replies."""
 
-    def __init__(self, mail_filter: MailFilter, *, lmtp: bool) -> None:
+    def __init__(self, mail_filter: MailFilter, *, lmtp: bool, max_size: int) -> None:
         self.filter = mail_filter
         self.lmtp = lmtp
+        self.max_size = max_size
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         recipients = tuple(envelope.rcpt_tos)
@@ -65,9 +69,12 @@ class Handler:
             if mail_from == "<>":  # aiosmtpd reports the null reverse path as "<>"
                 mail_from = ""
             content = envelope.original_content or b""
-            replies = await self.filter.process(
-                FilterEnvelope(mail_from, recipients, content, bool(envelope.smtp_utf8))
-            )
+            if len(content) > self.max_size:
+                replies = [TOO_BIG] * len(recipients)
+            else:
+                replies = await self.filter.process(
+                    FilterEnvelope(mail_from, recipients, content, bool(envelope.smtp_utf8))
+                )
         except Exception:
             log.exception("internal error while receiving a message; deferring it")
             replies = [TEMPORARY_FAILURE] * len(recipients)
@@ -89,8 +96,15 @@ async def start_server(
     hostname: str,
     data_size_limit: int,
 ) -> asyncio.AbstractServer:
-    """Listen on ``endpoint``; each connection gets its own protocol instance."""
+    """Listen on ``endpoint``; each connection gets its own protocol instance.
+
+    With LMTP the size limit is the handler's, which can answer once per recipient: aiosmtpd's
+    own limit answers once per message, which an LMTP client would wait on in vain. aiosmtpd
+    keeps a looser limit (twice as much) only to bound memory.
+    """
     loop = asyncio.get_running_loop()
+    if handler.lmtp:
+        data_size_limit *= 2
     protocol_class: Any = _LMTPServer if handler.lmtp else _SMTPServer
 
     def factory() -> SMTP:

@@ -73,7 +73,7 @@ async def start(config: Config, metrics: Metrics | None = None) -> Service:
     metrics = metrics or Metrics()
     mail_filter = build_filter(config, metrics)
     metrics.registry.register(KeyStateCollector(mail_filter.store))
-    handler = Handler(mail_filter, lmtp=config.mode == "lmtp")
+    handler = Handler(mail_filter, lmtp=config.mode == "lmtp", max_size=config.max_message_size)
     server = await start_server(
         handler,
         config.listen,

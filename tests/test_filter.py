@@ -373,3 +373,20 @@ async def test_stopping_finishes_messages_in_progress(
     replies = await sending
     assert [r.code for r in replies] == [250]
     assert len(h.delivered_to("alice@example.test")) == 1
+
+
+@pytest.mark.parametrize("mode", ["lmtp", "smtp"])
+async def test_oversized_message_is_refused_cleanly(
+    harness: Callable[..., object], mode: str
+) -> None:
+    """Over max_message_size: a clean 552 — in LMTP, once per recipient, as the protocol
+    requires (a single reply would leave Postfix waiting and retrying)."""
+    h: Harness = await harness(mode, max_message_size=2048)  # type: ignore[misc]
+    big = PLAIN + b"x" * 70 + b"\r\n" * 40
+    big += (b"y" * 76 + b"\r\n") * 40
+    replies = await h.send(["a@example.test", "b@example.test", "c@example.test"], data=big)
+    assert [r.code for r in replies] == [552] * 3
+    assert h.downstream.deliveries == []
+    # The connection is still in step: the next message goes through.
+    replies = await h.send(["a@example.test"])
+    assert [r.code for r in replies] == [250]

@@ -37,6 +37,22 @@ def _load(ctx: click.Context, overrides: dict[str, Any] | None = None) -> Config
         raise click.ClickException(f"configuration error: {error}") from None
 
 
+def _config_after_command(ctx: click.Context, _param: click.Parameter, value: Path | None) -> None:
+    if value is not None:
+        ctx.ensure_object(dict)["config_path"] = value
+
+
+config_option = click.option(
+    "--config",
+    "-c",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    expose_value=False,
+    callback=_config_after_command,
+    help="YAML configuration file (may also stand before the command).",
+)
+
+
 @click.group()
 @click.option(
     "--config",
@@ -55,6 +71,7 @@ def main(ctx: click.Context, config_path: Path | None) -> None:
 
 
 @main.command()
+@config_option
 @click.option("--listen", help="Address to listen on, HOST:PORT or unix:/path.")
 @click.option("--mode", type=click.Choice(["lmtp", "smtp"]), help="Protocol spoken both ways.")
 @click.option("--deliver", help="Downstream: Dovecot LMTP or Postfix reinjection, HOST:PORT.")
@@ -100,6 +117,7 @@ def _store(config: Config, *, create: bool) -> SQLiteKeyStore:
 
 
 @keys.command("import")
+@config_option
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--address", help="Bind the key to this address, whatever its user IDs say.")
 @click.option("--add", is_flag=True, help="Add to the address's keys instead of replacing them.")
@@ -152,6 +170,7 @@ def import_keys(
 
 
 @keys.command("list")
+@config_option
 @click.pass_context
 def list_keys(ctx: click.Context) -> None:
     """Show every address and the key it is bound to."""
@@ -175,6 +194,7 @@ def list_keys(ctx: click.Context) -> None:
 
 
 @keys.command("remove")
+@config_option
 @click.argument("target")
 @click.pass_context
 def remove_key(ctx: click.Context, target: str) -> None:

@@ -76,3 +76,13 @@ def test_missing_gpg_is_a_clear_start_error(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert "cannot run gpg (/nonexistent/gpg)" in result.output
     assert "Traceback" not in result.output
+
+
+def test_config_option_before_or_after_the_command(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("mode: pop3\n")
+    for args in (["-c", str(config), "serve"], ["serve", "--config", str(config)]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 1 and "mode: must be one of" in result.output, args
+    listing = CliRunner().invoke(main, ["keys", "list", "-c", str(config)])
+    assert "mode: must be one of" in listing.output

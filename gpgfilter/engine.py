@@ -58,7 +58,8 @@ def check_ciphertext(armored: bytes, recipient: Recipient) -> None:
     keys than the recipient's — or in a form (PKESK v6, SEIPD v2) mail clients cannot read."""
     if not armored.strip():
         raise EngineError("the engine produced no output")
-    block = openpgp.find_armor(armored, max_decode=16384)
+    # Only the session-key packets are read: ~600 bytes each for RSA-4096, less for others.
+    block = openpgp.find_armor(armored, max_decode=1024 + 640 * len(recipient.encryption_keys))
     if block is None or block.label != "MESSAGE":
         raise EngineError("the engine's output is not an armored OpenPGP message")
     if block.before.strip() or block.after.strip():

@@ -153,11 +153,10 @@ class MailFilter:
         self.metrics.message_bytes.observe(report.size)
         decisions = [self._decide(r, verdict) for r in envelope.recipients]
         await self._encrypt_all(message, decisions, report)
-        if self.all_or_nothing and any(d.reply and not d.reply.ok for d in decisions):
-            # A transaction-wide answer: hold everything back (a temporary failure wins).
-            held = next(d.reply for d in decisions if d.reply and not d.reply.ok)
-            assert held is not None
-            replies = [held] * len(decisions)
+        refusals = [d.reply for d in decisions if d.reply is not None and not d.reply.ok]
+        if self.all_or_nothing and refusals:
+            # One answer for the whole transaction: nothing is delivered unless all can be.
+            replies = [refusals[0]] * len(decisions)
         else:
             replies = await self._deliver(envelope, decisions, report)
         self._account(envelope, decisions, replies, report)

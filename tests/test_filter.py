@@ -355,10 +355,13 @@ class SlowEngine:
     def __init__(self, real: object, delay: float) -> None:
         self.real = real
         self.delay = delay
+        self.finished = False
 
     async def encrypt(self, plaintext: bytes, recipient: Recipient) -> bytes:
         await asyncio.sleep(self.delay)
-        return await self.real.encrypt(plaintext, recipient)  # type: ignore[attr-defined, no-any-return]
+        armored: bytes = await self.real.encrypt(plaintext, recipient)  # type: ignore[attr-defined]
+        self.finished = True
+        return armored
 
 
 async def test_stopping_finishes_messages_in_progress(
@@ -366,10 +369,15 @@ async def test_stopping_finishes_messages_in_progress(
 ) -> None:
     register(data_dir, alice)
     h: Harness = await harness()  # type: ignore[misc]
-    h.service.filter.engine = SlowEngine(h.service.filter.engine, 0.5)
+    slow = SlowEngine(h.service.filter.engine, 1.0)
+    h.service.filter.engine = slow
     sending = asyncio.create_task(h.send(["alice@example.test"]))
-    await asyncio.sleep(0.2)
+    for _ in range(500):  # until the message is inside the filter
+        if h.metrics.registry.get_sample_value("gpgfilter_messages_in_flight"):
+            break
+        await asyncio.sleep(0.01)
     await h.service.close()
+    assert slow.finished, "close() must wait for the message in progress"
     replies = await sending
     assert [r.code for r in replies] == [250]
     assert len(h.delivered_to("alice@example.test")) == 1

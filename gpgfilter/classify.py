@@ -83,8 +83,8 @@ def _is_pgp_mime(message: RawMessage, params: dict[str, str]) -> bool:
     payload_type = content_type(payload)
     if control_type is None or control_type.mimetype != "application/pgp-encrypted":
         return False
-    if b"version: 1" not in control.body.lower():
-        return False
+    if control.body.strip().lower() != b"version: 1":
+        return False  # the control part is a version line, not a place for text
     if payload_type is None or payload_type.mimetype != "application/octet-stream":
         return False
     return _is_only_armored_message(_decoded_body(payload))

@@ -64,6 +64,9 @@ def test_pgp_mime_structure_is_required() -> None:
     assert classify(split(_pgp_mime(b"Dear Bob, the secret plan"))) is Verdict.CLEAR
     assert classify(split(_pgp_mime(b"secret plan\r\n" + real))) is Verdict.CLEAR
     assert classify(split(_pgp_mime(real + b"\r\nP.S. the secret plan"))) is Verdict.CLEAR
+    # Text smuggled into the control part beside its version line.
+    smuggled = _pgp_mime(real).replace(b"Version: 1\r\n", b"Version: 1\r\nthe secret plan\r\n")
+    assert classify(split(smuggled)) is Verdict.CLEAR
     # A public key block is armored OpenPGP, but not an encrypted message.
     key = real.replace(b"PGP MESSAGE", b"PGP PUBLIC KEY BLOCK")
     assert classify(split(_pgp_mime(key))) is Verdict.CLEAR

@@ -45,26 +45,27 @@ def peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
-async def run(megabytes: int) -> None:
+async def run(megabytes: int, rcpts: int) -> None:
     with tempfile.TemporaryDirectory() as tmp, KeyFactory(Path(tmp) / "keys") as keys:
         root = Path(tmp)
-        key = keys.make("r@example.test", algo="rsa3072")
+        addresses = [f"r{n}@example.test" for n in range(rcpts)]
         sink = Downstream(lmtp=True)
         await sink.start()
         port = free_port()
         filter_process = FilterProcess(
             root / "filter", mode="lmtp", port=port, deliver_port=sink.port
         )
-        filter_process.import_key(key.public)
+        for address in addresses:
+            filter_process.import_key(keys.make(address, algo="rsa3072").public)
         filter_process.start()
         try:
             client = MailClient(Endpoint("127.0.0.1", port), lmtp=True, helo="bench", timeout=600)
-            await client.send("a@example.test", ["r@example.test"], message(1))  # warm up
+            await client.send("a@example.test", addresses, message(1))  # warm up
             idle = peak_rss_mb(filter_process.pid)
             data = message(megabytes)
             sink.deliveries.clear()
             started = time.monotonic()
-            replies = await client.send("a@example.test", ["r@example.test"], data)
+            replies = await client.send("a@example.test", addresses, data)
             elapsed = time.monotonic() - started
             peak = peak_rss_mb(filter_process.pid)
             stored = len(sink.deliveries[0].data) if sink.deliveries else 0
@@ -72,7 +73,7 @@ async def run(megabytes: int) -> None:
         finally:
             filter_process.stop()
             await sink.stop()
-    print(f"message: {len(data) / 1e6:.1f} MB, reply: {replies[0]}")
+    print(f"message: {len(data) / 1e6:.1f} MB to {rcpts} recipient(s), first reply: {replies[0]}")
     print(f"stored (encrypted) size: {stored / 1e6:.1f} MB ({stored / len(data):.2f}x)")
     print(f"time through the filter: {elapsed:.2f} s")
     print(
@@ -85,7 +86,9 @@ async def run(megabytes: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mb", type=int, default=20)
-    asyncio.run(run(parser.parse_args().mb))
+    parser.add_argument("--rcpts", type=int, default=1, help="recipients, each with a key")
+    args = parser.parse_args()
+    asyncio.run(run(args.mb, args.rcpts))
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ NO_KEY_DEFERRED = Reply(451, "4.7.1 No encryption key is registered for this rec
 KEY_UNUSABLE = Reply(
     451, "4.7.1 The recipient's encryption key has expired or was revoked; held until renewed"
 )
+LARGE_MESSAGE_BYTES = 4 * 1024 * 1024
 _POSTFIX_QUEUE_ID = re.compile(r"\(Postfix\)[^;]*?\bid ([0-9A-Za-z]+)")
 
 
@@ -152,13 +153,16 @@ class MailFilter:
         report = _Report(_queue_id(message), len(envelope.content), verdict, started)
         self.metrics.message_bytes.observe(report.size)
         decisions = [self._decide(r, verdict) for r in envelope.recipients]
-        await self._encrypt_all(message, decisions, report)
-        refusals = [d.reply for d in decisions if d.reply is not None and not d.reply.ok]
-        if self.all_or_nothing and refusals:
-            # One answer for the whole transaction: nothing is delivered unless all can be.
-            replies = [refusals[0]] * len(decisions)
+        if not self.all_or_nothing:
+            replies = await self._encrypt_and_deliver(message, envelope, decisions, report)
         else:
-            replies = await self._deliver(envelope, decisions, report)
+            await self._encrypt_all(message, decisions, report)
+            refusals = [d.reply for d in decisions if d.reply is not None and not d.reply.ok]
+            if refusals:
+                # One answer for the whole transaction: nothing is delivered unless all can be.
+                replies = [refusals[0]] * len(decisions)
+            else:
+                replies = await self._deliver(envelope, decisions, report)
         self._account(envelope, decisions, replies, report)
         return replies
 
@@ -203,16 +207,77 @@ class MailFilter:
             if isinstance(result, bytes):
                 decision.payload = pgpmime.assemble(message, result)
                 del result
-                continue
-            decision.outcome = Outcome.FAILED
-            decision.reply = TEMPORARY_FAILURE
-            if isinstance(result, EngineError):
-                report.notes.append(f"encryption failed: {result}")
-            elif isinstance(result, TimeoutError):
-                report.notes.append("encryption timed out")
-            else:
-                log.error("unexpected encryption error", exc_info=result)
-                report.notes.append(f"encryption error: {type(result).__name__}")
+            elif result is not None:
+                self._failed(decision, result, report)
+
+    def _failed(self, decision: _Decision, error: BaseException, report: _Report) -> None:
+        decision.outcome = Outcome.FAILED
+        decision.reply = TEMPORARY_FAILURE
+        if isinstance(error, EngineError):
+            report.notes.append(f"encryption failed: {error}")
+        elif isinstance(error, TimeoutError):
+            report.notes.append("encryption timed out")
+        else:
+            log.error("unexpected encryption error", exc_info=error)
+            report.notes.append(f"encryption error: {type(error).__name__}")
+
+    async def _encrypt_and_deliver(
+        self,
+        message: RawMessage,
+        envelope: Envelope,
+        decisions: list[_Decision],
+        report: _Report,
+    ) -> list[Reply]:
+        """Per-recipient answers (LMTP): each copy is delivered as soon as it is encrypted and
+        then let go, so a large message to many recipients is never held encrypted N times."""
+        replies: list[Reply | None] = [d.reply for d in decisions]
+        inner = message.inner_parts()
+        # A large message's copies are made one after the other: each costs ~1.4x the message
+        # plus the engine's buffers, and N of them at once would multiply that by N.
+        one_at_a_time = asyncio.Lock() if len(envelope.content) > LARGE_MESSAGE_BYTES else None
+
+        async def send(payload: bytes | list[bytes], indexes: list[int]) -> None:
+            started = time.monotonic()
+            answers = await self.deliverer.send(
+                envelope.mail_from,
+                [envelope.recipients[i] for i in indexes],
+                payload,
+                smtputf8=_needs_smtputf8(envelope, indexes),
+            )
+            report.deliver_seconds = max(report.deliver_seconds, time.monotonic() - started)
+            for index, reply in zip(indexes, answers, strict=True):
+                replies[index] = reply
+
+        async def copy(index: int, decision: _Decision, recipient: Recipient) -> None:
+            if one_at_a_time is None:
+                await make_and_send(index, decision, recipient)
+                return
+            async with one_at_a_time:
+                await make_and_send(index, decision, recipient)
+
+        async def make_and_send(index: int, decision: _Decision, recipient: Recipient) -> None:
+            started = time.monotonic()
+            try:
+                armored = await self._encrypt(inner, recipient)
+                payload = pgpmime.assemble(message, armored)
+            except Exception as error:
+                self._failed(decision, error, report)
+                replies[index] = decision.reply
+                return
+            finally:
+                report.encrypt_seconds = max(report.encrypt_seconds, time.monotonic() - started)
+            del armored
+            await send(payload, [index])
+
+        unchanged = [i for i, d in enumerate(decisions) if d.reply is None and d.recipient is None]
+        tasks = [send(envelope.content, unchanged)] if unchanged else []
+        tasks += [
+            copy(i, d, d.recipient)
+            for i, d in enumerate(decisions)
+            if d.reply is None and d.recipient is not None
+        ]
+        await asyncio.gather(*tasks)
+        return [r or TEMPORARY_FAILURE for r in replies]
 
     async def _encrypt(self, inner: Plaintext, recipient: Recipient) -> bytes:
         async with self._gpg_slots:  # a bounded number of engine processes at once

@@ -398,3 +398,45 @@ async def test_oversized_message_is_refused_cleanly(
     # The connection is still in step: the next message goes through.
     replies = await h.send(["a@example.test"])
     assert [r.code for r in replies] == [250]
+
+
+class CountingEngine:
+    """Wraps a real engine and records how many encryptions ran at once."""
+
+    def __init__(self, real: object) -> None:
+        self.real = real
+        self.running = 0
+        self.most = 0
+
+    async def encrypt(self, plaintext: bytes, recipient: Recipient) -> bytes:
+        self.running += 1
+        self.most = max(self.most, self.running)
+        try:
+            await asyncio.sleep(0.05)
+            armored: bytes = await self.real.encrypt(plaintext, recipient)  # type: ignore[attr-defined]
+            return armored
+        finally:
+            self.running -= 1
+
+
+async def test_large_message_copies_are_made_one_at_a_time(
+    harness: Callable[..., object], data_dir: Path, key_factory: object
+) -> None:
+    """Memory stays bounded: a large message's encrypted copies are not all held at once."""
+    from gpgfilter.filter import LARGE_MESSAGE_BYTES
+    from tests.openpgp_tools import KeyFactory
+
+    assert isinstance(key_factory, KeyFactory)
+    recipients = [f"big{n}@example.test" for n in range(3)]
+    for address in recipients:
+        register(data_dir, key_factory.make(address))
+    h: Harness = await harness()  # type: ignore[misc]
+    counting = CountingEngine(h.service.filter.engine)
+    h.service.filter.engine = counting
+    assert [r.code for r in await h.send(recipients)] == [250] * 3
+    assert counting.most == 3, "small messages are encrypted in parallel"
+    counting.most = 0
+    large = PLAIN + (b"z" * 998 + b"\r\n") * (LARGE_MESSAGE_BYTES // 1000 + 10)
+    assert [r.code for r in await h.send(recipients, data=large)] == [250] * 3
+    assert counting.most == 1
+    assert len(h.downstream.deliveries) == 6

@@ -46,3 +46,27 @@ class Binding:
     address: str
     key: StoredKey
     created: int
+
+
+@dataclass(frozen=True, slots=True)
+class PendingChange:
+    """A key uploaded for an address, inactive until its owner proves they hold both the
+    mailbox and the private key (by returning the token that was mailed encrypted to it)."""
+
+    token_hash: str  # sha256 hex of the confirmation token; the token itself is never stored
+    address: str
+    key: StoredKey
+    created: int
+    expires: int  # seconds since the epoch; the token is refused after this
+    origin: str  # "web" (signup page / API) or "wks" (Web Key Service mail)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One change to the registry, kept for the administrator and the user."""
+
+    at: int
+    address: str
+    action: str  # registered, replaced, renewed, withdrawn, revoked, removed
+    fingerprint: str
+    actor: str  # self-service, admin-api, wks, cli

@@ -14,30 +14,64 @@ import threading
 import time
 from pathlib import Path
 
-from keystore.model import Binding, EncryptionKey, StoredKey
+from keystore.model import AuditEntry, Binding, EncryptionKey, PendingChange, StoredKey
 from keystore.store import StoreError
 
-SCHEMA_VERSION = 1
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS keys (
-    fingerprint TEXT PRIMARY KEY,
-    key_data BLOB NOT NULL,
-    expires INTEGER,
-    encryption_keys TEXT NOT NULL,
-    user_ids TEXT NOT NULL,
-    revoked INTEGER NOT NULL DEFAULT 0,
-    updated INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS bindings (
-    address TEXT NOT NULL,
-    fingerprint TEXT NOT NULL REFERENCES keys (fingerprint),
-    created INTEGER NOT NULL,
-    PRIMARY KEY (address, fingerprint)
-);
-CREATE INDEX IF NOT EXISTS bindings_by_fingerprint ON bindings (fingerprint);
-"""
+# Each entry upgrades the schema by one version; a store is brought up to date when opened.
+_MIGRATIONS = (
+    """
+    CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE IF NOT EXISTS keys (
+        fingerprint TEXT PRIMARY KEY,
+        key_data BLOB NOT NULL,
+        expires INTEGER,
+        encryption_keys TEXT NOT NULL,
+        user_ids TEXT NOT NULL,
+        revoked INTEGER NOT NULL DEFAULT 0,
+        updated INTEGER NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS bindings (
+        address TEXT NOT NULL,
+        fingerprint TEXT NOT NULL REFERENCES keys (fingerprint),
+        created INTEGER NOT NULL,
+        PRIMARY KEY (address, fingerprint)
+    );
+    CREATE INDEX IF NOT EXISTS bindings_by_fingerprint ON bindings (fingerprint);
+    """,
+    """
+    CREATE TABLE pending (
+        token_hash TEXT PRIMARY KEY,
+        address TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        key_data BLOB NOT NULL,
+        expires_key INTEGER,
+        encryption_keys TEXT NOT NULL,
+        user_ids TEXT NOT NULL,
+        created INTEGER NOT NULL,
+        expires INTEGER NOT NULL,
+        origin TEXT NOT NULL
+    );
+    CREATE INDEX pending_by_address ON pending (address);
+    CREATE TABLE audit (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at INTEGER NOT NULL,
+        address TEXT NOT NULL,
+        action TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        actor TEXT NOT NULL
+    );
+    CREATE INDEX audit_by_address ON audit (address);
+    CREATE TABLE events (scope TEXT NOT NULL, at INTEGER NOT NULL);
+    CREATE INDEX events_by_scope ON events (scope, at);
+    CREATE TABLE notices (
+        fingerprint TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        sent INTEGER NOT NULL,
+        PRIMARY KEY (fingerprint, kind)
+    );
+    """,
+)
+SCHEMA_VERSION = len(_MIGRATIONS)
 
 
 class SQLiteKeyStore:
@@ -61,18 +95,15 @@ class SQLiteKeyStore:
             conn.execute("PRAGMA busy_timeout = 5000")
             if create:
                 conn.execute("PRAGMA journal_mode = WAL")
-                conn.executescript(_SCHEMA)
-                conn.execute(
-                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
-                    (str(SCHEMA_VERSION),),
-                )
-                conn.commit()
-            version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            version = _migrate(conn, fresh=create)
         except sqlite3.Error as error:
             raise StoreError(f"cannot open key store {self.path}: {error}") from error
-        if version is None or int(version[0]) != SCHEMA_VERSION:
+        if version != SCHEMA_VERSION:
             conn.close()
-            raise StoreError(f"key store {self.path} has an unknown schema version")
+            raise StoreError(
+                f"key store {self.path} has schema version {version}, newer than this"
+                f" gpgfilter ({SCHEMA_VERSION}): upgrade gpgfilter"
+            )
         if self._conn is not None:
             self._conn.close()
         self._conn = conn
@@ -148,14 +179,7 @@ class SQLiteKeyStore:
                         " ON CONFLICT (fingerprint) DO UPDATE SET key_data = excluded.key_data,"
                         " expires = excluded.expires, encryption_keys = excluded.encryption_keys,"
                         " user_ids = excluded.user_ids, updated = excluded.updated",
-                        (
-                            key.fingerprint,
-                            key.key_data,
-                            key.expires,
-                            json.dumps([[k.fingerprint, k.expires] for k in key.encryption_keys]),
-                            json.dumps(list(key.user_ids)),
-                            now,
-                        ),
+                        (*_key_columns(key), now),
                     )
                     if replace:
                         conn.execute(
@@ -201,14 +225,175 @@ class SQLiteKeyStore:
                 raise StoreError(f"key store update failed: {error}") from error
             return cursor.rowcount
 
+    # -- registration ----------------------------------------------------------------------
+    def _write(self, sql: str, params: tuple[object, ...]) -> sqlite3.Cursor:
+        with self._lock:
+            conn = self._connection()
+            try:
+                with conn:
+                    return conn.execute(sql, params)
+            except sqlite3.Error as error:
+                raise StoreError(f"key store update failed: {error}") from error
+
+    def _read(self, sql: str, params: tuple[object, ...]) -> list[tuple[object, ...]]:
+        with self._lock:
+            try:
+                return self._connection().execute(sql, params).fetchall()
+            except sqlite3.Error as error:
+                self._drop()
+                raise StoreError(f"key store lookup failed: {error}") from error
+
+    def add_pending(self, pending: PendingChange) -> None:
+        key = pending.key
+        with self._lock:
+            conn = self._connection()
+            try:
+                with conn:
+                    conn.execute(
+                        "DELETE FROM pending WHERE address = ? AND fingerprint = ?",
+                        (pending.address, key.fingerprint),
+                    )
+                    conn.execute(
+                        "INSERT INTO pending (token_hash, address, fingerprint, key_data,"
+                        " expires_key, encryption_keys, user_ids, created, expires, origin)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            pending.token_hash,
+                            pending.address,
+                            *_key_columns(key),
+                            pending.created,
+                            pending.expires,
+                            pending.origin,
+                        ),
+                    )
+            except sqlite3.Error as error:
+                raise StoreError(f"key store update failed: {error}") from error
+
+    def take_pending(self, token_hash: str, now: int) -> PendingChange | None:
+        with self._lock:
+            conn = self._connection()
+            try:
+                with conn:
+                    row = conn.execute(
+                        _SELECT_PENDING + " WHERE token_hash = ?",
+                        (token_hash,),
+                    ).fetchone()
+                    if row is None:
+                        return None
+                    conn.execute("DELETE FROM pending WHERE token_hash = ?", (token_hash,))
+            except sqlite3.Error as error:
+                raise StoreError(f"key store update failed: {error}") from error
+        pending = _row_to_pending(row)
+        return pending if pending.expires > now else None
+
+    def pending_for(self, address: str, now: int) -> list[PendingChange]:
+        rows = self._read(
+            _SELECT_PENDING + " WHERE address = ? AND expires > ? ORDER BY created",
+            (address, now),
+        )
+        return [_row_to_pending(row) for row in rows]
+
+    def purge_pending(self, now: int) -> int:
+        return self._write("DELETE FROM pending WHERE expires <= ?", (now,)).rowcount
+
+    def record_audit(self, entry: AuditEntry) -> None:
+        self._write(
+            "INSERT INTO audit (at, address, action, fingerprint, actor) VALUES (?, ?, ?, ?, ?)",
+            (entry.at, entry.address, entry.action, entry.fingerprint, entry.actor),
+        )
+
+    def audit_log(self, address: str | None = None, limit: int = 100) -> list[AuditEntry]:
+        where = "WHERE address = ?" if address is not None else ""
+        params: tuple[object, ...] = (address, limit) if address is not None else (limit,)
+        rows = self._read(
+            f"SELECT at, address, action, fingerprint, actor FROM audit {where}"  # noqa: S608
+            " ORDER BY at DESC, id DESC LIMIT ?",
+            params,
+        )
+        return [AuditEntry(*row) for row in rows]  # type: ignore[arg-type]
+
+    def hit(self, scope: str, now: int, window: int) -> int:
+        with self._lock:
+            conn = self._connection()
+            try:
+                with conn:
+                    conn.execute(
+                        "DELETE FROM events WHERE scope = ? AND at <= ?", (scope, now - window)
+                    )
+                    conn.execute("INSERT INTO events (scope, at) VALUES (?, ?)", (scope, now))
+                    row = conn.execute(
+                        "SELECT count(*) FROM events WHERE scope = ?", (scope,)
+                    ).fetchone()
+            except sqlite3.Error as error:
+                raise StoreError(f"key store update failed: {error}") from error
+        return int(row[0])
+
+    def mark_notice(self, fingerprint: str, kind: str) -> bool:
+        cursor = self._write(
+            "INSERT OR IGNORE INTO notices (fingerprint, kind, sent) VALUES (?, ?, ?)",
+            (fingerprint, kind, int(time.time())),
+        )
+        return cursor.rowcount == 1
+
     def _drop(self) -> None:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
 
 
+def _migrate(conn: sqlite3.Connection, *, fresh: bool) -> int:
+    """Bring the schema up to date in one transaction; returns the version found or reached."""
+    if fresh:
+        current = 0
+    else:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        current = int(row[0]) if row else -1
+        if current < 1:
+            raise sqlite3.DatabaseError("not a gpgfilter key store (no schema version)")
+    if current >= SCHEMA_VERSION:
+        return current
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for script in _MIGRATIONS[current:]:
+            for statement in script.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+        conn.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
+            (str(SCHEMA_VERSION),),
+        )
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return SCHEMA_VERSION
+
+
 def _delete_unbound(conn: sqlite3.Connection) -> None:
     conn.execute("DELETE FROM keys WHERE fingerprint NOT IN (SELECT fingerprint FROM bindings)")
+
+
+_SELECT_PENDING = (
+    "SELECT fingerprint, key_data, expires_key, encryption_keys, user_ids, 0,"
+    " token_hash, address, created, expires, origin FROM pending"
+)
+
+
+def _key_columns(key: StoredKey) -> tuple[object, ...]:
+    return (
+        key.fingerprint,
+        key.key_data,
+        key.expires,
+        json.dumps([[k.fingerprint, k.expires] for k in key.encryption_keys]),
+        json.dumps(list(key.user_ids)),
+    )
+
+
+def _row_to_pending(row: tuple[object, ...]) -> PendingChange:
+    token_hash, address, created, expires, origin = row[6:]
+    assert isinstance(token_hash, str) and isinstance(address, str) and isinstance(origin, str)
+    assert isinstance(created, int) and isinstance(expires, int)
+    return PendingChange(token_hash, address, _row_to_key(row[:6]), created, expires, origin)
 
 
 def _row_to_key(row: tuple[object, ...] | list[object]) -> StoredKey:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from keystore.model import Binding, StoredKey
+from keystore.model import AuditEntry, Binding, PendingChange, StoredKey
 
 
 class StoreError(Exception):
@@ -31,5 +31,41 @@ class KeyStore(Protocol):
         ...
 
     def bindings(self) -> list[Binding]: ...
+
+    # -- registration: proof of ownership, audit, rate limits, notices ---------------------
+    def add_pending(self, pending: PendingChange) -> None:
+        """Keep an uploaded key until its owner confirms; another pending change for the same
+        address and key replaces it."""
+        ...
+
+    def take_pending(self, token_hash: str, now: int) -> PendingChange | None:
+        """Remove and return the pending change with this token hash, atomically, so a token
+        works once; None when it is unknown, already used or expired."""
+        ...
+
+    def pending_for(self, address: str, now: int) -> list[PendingChange]:
+        """Changes for ``address`` that are still waiting for confirmation."""
+        ...
+
+    def purge_pending(self, now: int) -> int:
+        """Forget expired pending changes; returns how many."""
+        ...
+
+    def record_audit(self, entry: AuditEntry) -> None: ...
+
+    def audit_log(self, address: str | None = None, limit: int = 100) -> list[AuditEntry]:
+        """Newest first."""
+        ...
+
+    def hit(self, scope: str, now: int, window: int) -> int:
+        """Count one event under ``scope`` (e.g. ``"address:alice@example.org"``) and return how
+        many that scope had in the last ``window`` seconds, this one included. Shared by every
+        process using the store, so limits hold across restarts and hosts."""
+        ...
+
+    def mark_notice(self, fingerprint: str, kind: str) -> bool:
+        """Remember that the notice ``kind`` went out for a key; True only the first time, so
+        a periodic job sends each notice once."""
+        ...
 
     def close(self) -> None: ...

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shlex
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 
 import click
 
+from gpgfilter import setup as setup_module
 from gpgfilter.config import Config, ConfigError, load
 from gpgfilter.engine import EngineError
 from gpgfilter.service import run
@@ -209,3 +211,77 @@ def remove_key(ctx: click.Context, target: str) -> None:
     if not removed:
         raise click.ClickException(f"nothing registered for {target}")
     click.echo(f"removed {removed} binding(s)")
+
+
+_long_config_option = click.option(
+    "--config",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    expose_value=False,
+    callback=_config_after_command,
+    help="gpgfilter's YAML configuration file.",
+)
+_postfix_dir_option = click.option(
+    "-c",
+    "--postfix-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=setup_module.DEFAULT_POSTFIX_DIR,
+    show_default=True,
+    help="Postfix configuration directory, as for postconf -c.",
+)
+_dovecot_option = click.option(
+    "--dovecot-config",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=setup_module.DEFAULT_DOVECOT_CONFIG,
+    show_default=True,
+    help="Dovecot's configuration file.",
+)
+
+
+@main.command()
+@_long_config_option
+@_postfix_dir_option
+@_dovecot_option
+@click.option("--dry-run", is_flag=True, help="Print every change and command; change nothing.")
+@click.option("--undo", is_flag=True, help="Restore what an earlier setup changed.")
+@click.pass_context
+def setup(
+    ctx: click.Context, postfix_dir: Path, dovecot_config: Path, dry_run: bool, undo: bool
+) -> None:
+    """Wire gpgfilter into Postfix (and Dovecot's LMTP listener where needed).
+
+    The mode (LMTP transport or content_filter) and the ports come from gpgfilter's
+    configuration. Safe to run again: a second run changes nothing.
+    """
+    config = _load(ctx)
+    try:
+        postconf = setup_module.Postconf(postfix_dir)
+        if undo:
+            for line in setup_module.undo(
+                config, postconf, dry_run=dry_run, dovecot_config=dovecot_config
+            ):
+                click.echo(line)
+            if dry_run:
+                click.echo("dry run: nothing was changed")
+            return
+        plan = setup_module.plan_setup(config, postconf, dovecot_config=dovecot_config)
+        for note in plan.notes:
+            click.echo(note)
+        if not plan.changes:
+            click.echo(f"nothing to change: gpgfilter is already wired in ({plan.mode} mode)")
+            return
+        for change in plan.changes:
+            click.echo(f"change {change.describe()}")
+        for command in plan.shown_commands:
+            click.echo(f"run {shlex.join(command)}")
+        if dry_run:
+            click.echo("dry run: nothing was changed")
+            return
+        record, warnings = setup_module.apply_plan(
+            plan, config, postconf, dovecot_config=dovecot_config
+        )
+    except setup_module.SetupError as error:
+        raise click.ClickException(str(error)) from None
+    for warning in warnings:
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(f"done ({plan.mode} mode); `gpgfilter setup --undo` reverts it (record: {record})")

@@ -89,19 +89,17 @@ def serve(
     metrics_listen: str | None,
 ) -> None:
     """Run the filter."""
-    config = _load(
-        ctx,
-        {
-            "listen": listen,
-            "mode": mode,
-            "deliver": deliver,
-            "data_dir": data_dir,
-            "metrics.listen": metrics_listen,
-        },
-    )
+    overrides = {
+        "listen": listen,
+        "mode": mode,
+        "deliver": deliver,
+        "data_dir": data_dir,
+        "metrics.listen": metrics_listen,
+    }
+    config = _load(ctx, overrides)
     setup_logging(config.log_level)
     try:
-        run(config)
+        run(config, config_path=ctx.obj["config_path"], overrides=overrides)
     except (StoreError, EngineError, OSError) as error:
         raise click.ClickException(str(error)) from None
 

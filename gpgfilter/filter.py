@@ -121,6 +121,10 @@ class MailFilter:
         self._idle = asyncio.Event()
         self._idle.set()
 
+    @property
+    def in_flight(self) -> int:
+        return self._active
+
     async def drain(self, seconds: float) -> bool:
         """Wait until no message is being processed (at most ``seconds``); True if none is."""
         try:

@@ -58,12 +58,31 @@ class Handler:
     """aiosmtpd handler: turns a received transaction into a filter call and its replies."""
 
     def __init__(self, mail_filter: MailFilter, *, lmtp: bool, max_size: int) -> None:
+        # Replaced on a configuration reload; a transaction keeps the filter it started with.
         self.filter = mail_filter
         self.lmtp = lmtp
         self.max_size = max_size
+        # Set when stopping: Postfix keeps its connections open between messages, so closing
+        # the listener alone would not stop new ones arriving on them.
+        self.closing = False
+
+    async def handle_MAIL(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        if self.closing:
+            return "421 4.3.2 gpgfilter is shutting down, try again later"
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         recipients = tuple(envelope.rcpt_tos)
+        mail_filter = self.filter
         try:
             mail_from = envelope.mail_from or ""
             if mail_from == "<>":  # aiosmtpd reports the null reverse path as "<>"
@@ -72,7 +91,7 @@ class Handler:
             if len(content) > self.max_size:
                 replies = [TOO_BIG] * len(recipients)
             else:
-                replies = await self.filter.process(
+                replies = await mail_filter.process(
                     FilterEnvelope(mail_from, recipients, content, bool(envelope.smtp_utf8))
                 )
         except Exception:

@@ -3,43 +3,127 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
 import sys
-from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from prometheus_client import start_http_server
-
-from gpgfilter.config import Config
+from gpgfilter.config import Config, ConfigError, load
 from gpgfilter.deliver import MailClient
 from gpgfilter.engine import GnuPGEngine
 from gpgfilter.filter import MailFilter
 from gpgfilter.metrics import KeyStateCollector, Metrics
+from gpgfilter.monitoring import Health, start_monitoring
 from gpgfilter.receive import Handler, start_server
 from keystore.sqlite import SQLiteKeyStore
+from keystore.store import StoreError
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
 class Service:
-    config: Config
-    filter: MailFilter
-    server: asyncio.AbstractServer
+    """The running filter: its listener, its current configuration and its health."""
+
+    def __init__(
+        self,
+        config: Config,
+        handler: Handler,
+        server: asyncio.AbstractServer,
+        metrics: Metrics,
+        *,
+        config_path: Path | None = None,
+        overrides: dict[str, Any] | None = None,
+    ) -> None:
+        self.config = config
+        self.handler = handler
+        self.server = server
+        self.metrics = metrics
+        self.config_path = config_path
+        self.overrides = overrides
+        self._collector = KeyStateCollector(handler.filter.store)
+        metrics.registry.register(self._collector)
+        self._retiring: set[asyncio.Task[None]] = set()
+
+    @property
+    def filter(self) -> MailFilter:
+        return self.handler.filter
+
+    async def reload(self) -> bool:
+        """Re-read the configuration file and reopen the key store, gpg and the downstream
+        (SIGHUP). Messages in progress finish with what they started with. A configuration
+        that does not load leaves everything as it was."""
+        try:
+            new = load(self.config_path, self.overrides)
+        except ConfigError as error:
+            log.error("configuration not reloaded: %s", error)
+            return False
+        for name in ("mode", "listen", "max_message_size", "metrics"):
+            if getattr(new, name) != getattr(self.config, name):
+                log.warning("%s changed: it takes effect only after a restart", name)
+        new = dataclasses.replace(
+            new,
+            mode=self.config.mode,
+            listen=self.config.listen,
+            max_message_size=self.config.max_message_size,
+            metrics=self.config.metrics,
+        )
+        try:
+            mail_filter = build_filter(new, self.metrics)
+        except (StoreError, OSError) as error:
+            log.error("configuration not reloaded: %s", error)
+            return False
+        old = self.handler.filter
+        self.handler.filter = mail_filter
+        self.config = new
+        self.metrics.registry.unregister(self._collector)
+        self._collector = KeyStateCollector(mail_filter.store)
+        self.metrics.registry.register(self._collector)
+        logging.getLogger().setLevel(new.log_level.upper())
+        task = asyncio.create_task(_retire(old))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+        log.info("configuration reloaded")
+        return True
+
+    async def health(self) -> Health:
+        checks: dict[str, str] = {"listener": str(self.config.listen)}
+        checks["in_flight"] = str(self.filter.in_flight)
+        if self.handler.closing:
+            return Health(False, "draining", checks)
+        try:
+            await asyncio.to_thread(self.filter.store.keys_for, "health-check@invalid")
+            checks["keystore"] = "ok"
+        except StoreError as error:
+            checks["keystore"] = str(error)
+            return Health(False, "failing", checks)
+        return Health(True, "ok", checks)
 
     async def close(self, drain_seconds: float = 30.0) -> None:
-        """Stop accepting connections, let messages in progress finish (bounded), then stop.
+        """Stop accepting mail, let messages in progress finish (bounded), then stop.
 
+        New transactions, on connections Postfix keeps open, get a 421 and are retried later.
         A message still unfinished after ``drain_seconds`` loses its connection before any
         reply, so Postfix keeps it and retries: nothing is lost either way.
         """
+        self.handler.closing = True
         self.server.close()
         if not await self.filter.drain(drain_seconds):
             log.warning("stopping with messages still in progress; Postfix will retry them")
         await self.server.wait_closed()
+        if self._retiring:
+            await asyncio.wait(self._retiring, timeout=drain_seconds)
         await self.filter.deliverer.close()
         self.filter.store.close()
+
+
+async def _retire(old: MailFilter, seconds: float = 300.0) -> None:
+    """Close a replaced filter's connections once its messages are done."""
+    await old.drain(seconds)
+    await old.deliverer.close()
+    old.store.close()
 
 
 def build_filter(config: Config, metrics: Metrics) -> MailFilter:
@@ -69,10 +153,15 @@ def build_filter(config: Config, metrics: Metrics) -> MailFilter:
     )
 
 
-async def start(config: Config, metrics: Metrics | None = None) -> Service:
+async def start(
+    config: Config,
+    metrics: Metrics | None = None,
+    *,
+    config_path: Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Service:
     metrics = metrics or Metrics()
     mail_filter = build_filter(config, metrics)
-    metrics.registry.register(KeyStateCollector(mail_filter.store))
     handler = Handler(mail_filter, lmtp=config.mode == "lmtp", max_size=config.max_message_size)
     server = await start_server(
         handler,
@@ -86,7 +175,7 @@ async def start(config: Config, metrics: Metrics | None = None) -> Service:
         config.mode,
         config.deliver_to,
     )
-    return Service(config, mail_filter, server)
+    return Service(config, handler, server, metrics, config_path=config_path, overrides=overrides)
 
 
 def _use_pidfd_child_watcher() -> None:
@@ -101,24 +190,36 @@ def _use_pidfd_child_watcher() -> None:
     asyncio.set_child_watcher(asyncio.PidfdChildWatcher())
 
 
-def run(config: Config) -> None:
-    """Run until SIGTERM or SIGINT."""
+def run(
+    config: Config, *, config_path: Path | None = None, overrides: dict[str, Any] | None = None
+) -> None:
+    """Run until SIGTERM or SIGINT; SIGHUP reloads the configuration."""
     _use_pidfd_child_watcher()
-    metrics = Metrics()
-    if config.metrics.enabled:
-        start_http_server(
-            config.metrics.listen.port, addr=config.metrics.listen.host, registry=metrics.registry
-        )
-        log.info("metrics on http://%s/metrics", config.metrics.listen)
 
     async def main() -> None:
-        service = await start(config, metrics)
+        service = await start(config, config_path=config_path, overrides=overrides)
+        monitoring = None
+        if config.metrics.enabled:
+            monitoring = await start_monitoring(
+                config.metrics.listen, service.metrics.registry, service.health
+            )
+            log.info("metrics and health on http://%s/", config.metrics.listen)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
+        reloads: set[asyncio.Task[bool]] = set()
+
+        def reload() -> None:
+            task = asyncio.create_task(service.reload())
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, reload)
         await stop.wait()
-        log.info("stopping")
+        log.info("stopping: finishing messages in progress")
         await service.close()
+        if monitoring is not None:
+            await monitoring.cleanup()
 
     asyncio.run(main())

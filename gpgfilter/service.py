@@ -17,7 +17,7 @@ from gpgfilter.engine import GnuPGEngine
 from gpgfilter.filter import MailFilter
 from gpgfilter.metrics import KeyStateCollector, Metrics
 from gpgfilter.receive import Handler, start_server
-from keystore.sqlite import SQLiteKeyStore
+from keystore.open import open_store
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class Service:
 
 def build_filter(config: Config, metrics: Metrics) -> MailFilter:
     config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    store = SQLiteKeyStore(config.keystore_path, create=True)
+    store = open_store(config.keystore, config.keystore_path, create=True)
     engine = GnuPGEngine(
         home=config.gnupg_home,
         binary=config.gpg.binary,

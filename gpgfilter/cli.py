@@ -15,8 +15,8 @@ from gpgfilter import setup as setup_module
 from gpgfilter.config import Config, ConfigError, load
 from gpgfilter.engine import EngineError
 from gpgfilter.service import run
-from keystore.sqlite import SQLiteKeyStore
-from keystore.store import StoreError
+from keystore.open import open_store
+from keystore.store import KeyStore, StoreError
 from keystore.validate import KeyRejected, KeyRevoked, validate_key
 
 
@@ -109,9 +109,9 @@ def keys() -> None:
     """Manage the registry of recipients' public keys."""
 
 
-def _store(config: Config, *, create: bool) -> SQLiteKeyStore:
+def _store(config: Config, *, create: bool) -> KeyStore:
     try:
-        return SQLiteKeyStore(config.keystore_path, create=create)
+        return open_store(config.keystore, config.keystore_path, create=create)
     except StoreError as error:
         raise click.ClickException(str(error)) from None
 
@@ -175,7 +175,7 @@ def import_keys(
 def list_keys(ctx: click.Context) -> None:
     """Show every address and the key it is bound to."""
     config = _load(ctx)
-    if not config.keystore_path.exists():
+    if config.keystore.backend == "sqlite" and not config.keystore_path.exists():
         click.echo(f"no key store yet at {config.keystore_path}", err=True)
         return
     store = _store(config, create=False)

@@ -70,9 +70,12 @@ def default_data_dir() -> Path:
 
 @dataclass(frozen=True, slots=True)
 class KeystoreConfig:
-    backend: Literal["sqlite"] = "sqlite"
-    # Default: DATA_DIR/keys.sqlite
+    backend: Literal["sqlite", "postgresql"] = "sqlite"
+    # SQLite only. Default: DATA_DIR/keys.sqlite
     path: Path | None = None
+    # PostgreSQL only, e.g. postgresql://gpgfilter@db.example.org/gpgfilter; a password is
+    # better kept in ~/.pgpass or PGPASSFILE than here.
+    dsn: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +227,14 @@ def _convert(hint: Any, raw: Any, key: str) -> Any:
 
 def _check(config: Any, prefix: str) -> None:
     """Range checks that types alone cannot express."""
+    if isinstance(config, KeystoreConfig):
+        # A DSN beside the default backend would quietly give each host its own registry.
+        if config.backend == "postgresql" and not config.dsn:
+            raise ConfigError(f"{prefix}dsn: required when {prefix}backend is postgresql")
+        if config.backend != "postgresql" and config.dsn is not None:
+            raise ConfigError(f"{prefix}dsn: only used when {prefix}backend is postgresql")
+        if config.backend != "sqlite" and config.path is not None:
+            raise ConfigError(f"{prefix}path: only used when {prefix}backend is sqlite")
     if isinstance(config, GpgConfig):
         if not 0 <= config.compress_level <= 9:
             raise ConfigError(f"{prefix}compress_level: must be between 0 and 9")

@@ -18,7 +18,7 @@ from gpgfilter.filter import MailFilter
 from gpgfilter.metrics import KeyStateCollector, Metrics
 from gpgfilter.monitoring import Health, start_monitoring
 from gpgfilter.receive import Handler, start_server
-from keystore.sqlite import SQLiteKeyStore
+from keystore.open import open_store
 from keystore.store import StoreError
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ async def _retire(old: MailFilter, seconds: float = 300.0) -> None:
 
 def build_filter(config: Config, metrics: Metrics) -> MailFilter:
     config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    store = SQLiteKeyStore(config.keystore_path, create=True)
+    store = open_store(config.keystore, config.keystore_path, create=True)
     engine = GnuPGEngine(
         home=config.gnupg_home,
         binary=config.gpg.binary,

@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+from keystore.migrations import newer_schema
 from keystore.model import AuditEntry, Binding, EncryptionKey, PendingChange, StoredKey
 from keystore.store import StoreError
 
@@ -100,10 +101,7 @@ class SQLiteKeyStore:
             raise StoreError(f"cannot open key store {self.path}: {error}") from error
         if version != SCHEMA_VERSION:
             conn.close()
-            raise StoreError(
-                f"key store {self.path} has schema version {version}, newer than this"
-                f" gpgfilter ({SCHEMA_VERSION}): upgrade gpgfilter"
-            )
+            raise newer_schema(str(self.path), version, SCHEMA_VERSION)
         if self._conn is not None:
             self._conn.close()
         self._conn = conn

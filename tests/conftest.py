@@ -5,7 +5,11 @@ from pathlib import Path
 
 import pytest
 
+from gpgfilter.config import KeystoreConfig
+from keystore.open import open_store
+from keystore.store import KeyStore
 from tests.openpgp_tools import KeyFactory, TestKey
+from tests.postgres_server import PostgresServer, require_postgres
 
 
 @pytest.fixture(scope="session")
@@ -29,3 +33,53 @@ def data_dir(tmp_path: Path) -> Path:
     path = tmp_path / "data"
     path.mkdir()
     return path
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One PostgreSQL server for the whole session; every test gets its own database."""
+    require_postgres()
+    server = PostgresServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def postgres_dsn(postgres_server: PostgresServer) -> str:
+    """A fresh, empty database on the session's server."""
+    return postgres_server.create_database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """Each test that uses a store runs once per backend."""
+    param: str = request.param
+    return param
+
+
+@pytest.fixture
+def keystore_config(backend: str, request: pytest.FixtureRequest) -> KeystoreConfig:
+    """The ``keystore`` configuration section for ``backend`` (SQLite: the default path)."""
+    if backend == "postgresql":
+        dsn: str = request.getfixturevalue("postgres_dsn")
+        return KeystoreConfig(backend="postgresql", dsn=dsn)
+    return KeystoreConfig()
+
+
+@pytest.fixture
+def store(keystore_config: KeystoreConfig, tmp_path: Path) -> Iterator[KeyStore]:
+    """A new, empty store of each backend."""
+    opened = open_store(keystore_config, tmp_path / "k.sqlite", create=True)
+    yield opened
+    opened.close()
+
+
+@pytest.fixture
+def keystore_yaml(keystore_config: KeystoreConfig) -> str:
+    """``keystore_config`` as a configuration file's lines (none for the default SQLite)."""
+    if keystore_config.backend == "postgresql":
+        return f"keystore:\n  backend: postgresql\n  dsn: {keystore_config.dsn}\n"
+    return ""

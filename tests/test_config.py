@@ -49,6 +49,15 @@ def test_bad_config_names_key_and_problem(tmp_path: Path) -> None:
         "gpg:\n  compress_level: 12\n": "gpg.compress_level: must be between 0 and 9",
         "policy:\n  no_kye: defer\n": "policy.no_kye: unknown key",
         "- a list\n": "top level must be a mapping",
+        "keystore:\n  backend: postgresql\n": (
+            "keystore.dsn: required when keystore.backend is postgresql"
+        ),
+        "keystore:\n  dsn: postgresql://db/gpgfilter\n": (
+            "keystore.dsn: only used when keystore.backend is postgresql"
+        ),
+        "keystore:\n  backend: postgresql\n  dsn: postgresql:///x\n  path: /k.sqlite\n": (
+            "keystore.path: only used when keystore.backend is sqlite"
+        ),
     }
     for text, expected in cases.items():
         config = tmp_path / "bad.yaml"

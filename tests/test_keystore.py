@@ -1,4 +1,5 @@
-"""Key validation and the SQLite registry: only usable public v4 keys, minimal, bound right."""
+"""Key validation and the registry (each backend): only usable public v4 keys, minimal, bound
+right."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import pytest
 from click.testing import CliRunner
 
 from gpgfilter.cli import main
+from gpgfilter.config import load
+from keystore.open import open_store
 from keystore.sqlite import SQLiteKeyStore
-from keystore.store import StoreError
+from keystore.store import KeyStore, StoreError
 from keystore.validate import KeyRejected, validate_key
 from tests.openpgp_tools import KeyFactory, TestKey
 
@@ -72,8 +75,7 @@ def test_explicit_binding_and_uid_selection(key_factory: KeyFactory) -> None:
     assert forced.addresses == ("alias@example.test",)
 
 
-def test_store_binds_replaces_and_removes(tmp_path: Path, alice: TestKey, bob: TestKey) -> None:
-    store = SQLiteKeyStore(tmp_path / "k.sqlite", create=True)
+def test_store_binds_replaces_and_removes(store: KeyStore, alice: TestKey, bob: TestKey) -> None:
     a = validate_key(alice.public).key
     b = validate_key(bob.public, address="alice@example.test").key
     store.bind("alice@example.test", a)
@@ -84,7 +86,23 @@ def test_store_binds_replaces_and_removes(tmp_path: Path, alice: TestKey, bob: T
     assert [k.fingerprint for k in store.keys_for("alice@example.test")] == [b.fingerprint]
     assert store.remove(b.fingerprint) == 1
     assert store.keys_for("alice@example.test") == []
-    store.close()
+    assert store.bindings() == []
+
+
+def test_revoked_key_stays_bound_and_remove_by_address(store: KeyStore, alice: TestKey) -> None:
+    a = validate_key(alice.public).key
+    store.bind("alice@example.test", a)
+    store.bind("alias@example.test", a)
+    assert store.revoke(a.fingerprint) == 2
+    (stored,) = store.keys_for("alice@example.test")
+    assert stored.revoked and stored.key_data == a.key_data
+    store.bind("alice@example.test", a)  # a stale copy does not un-revoke it
+    assert store.keys_for("alice@example.test")[0].revoked
+    assert [b.address for b in store.bindings()] == ["alias@example.test", "alice@example.test"]
+    assert store.remove("ALICE@example.test") == 1
+    assert store.remove("nobody@example.test") == 0
+    assert store.revoke("0" * 40) == 0
+    assert [b.address for b in store.bindings()] == ["alias@example.test"]
 
 
 def test_store_never_recreates_a_vanished_file(tmp_path: Path) -> None:
@@ -98,10 +116,10 @@ def test_store_never_recreates_a_vanished_file(tmp_path: Path) -> None:
         SQLiteKeyStore(tmp_path / "absent.sqlite")
 
 
-def test_admin_commands(tmp_path: Path, alice: TestKey, key_factory: KeyFactory) -> None:
+def test_admin_commands(tmp_path: Path, alice: TestKey, keystore_yaml: str) -> None:
     runner = CliRunner()
     config = tmp_path / "gpgfilter.yaml"
-    config.write_text(f"data_dir: {tmp_path / 'data'}\n")
+    config.write_text(f"data_dir: {tmp_path / 'data'}\n{keystore_yaml}")
     key_file = tmp_path / "alice.asc"
     key_file.write_bytes(alice.public)
     secret_file = tmp_path / "secret.asc"
@@ -121,14 +139,14 @@ def test_admin_commands(tmp_path: Path, alice: TestKey, key_factory: KeyFactory)
 
 
 def test_importing_a_revocation_holds_mail_instead_of_refusing(
-    tmp_path: Path, key_factory: KeyFactory
+    tmp_path: Path, key_factory: KeyFactory, keystore_yaml: str
 ) -> None:
     """A registered key that its owner revoked must stop being used at once — and a stale
     copy without the revocation must not bring it back."""
     key = key_factory.make("rita@example.test")
     runner = CliRunner()
     config = tmp_path / "gpgfilter.yaml"
-    config.write_text(f"data_dir: {tmp_path / 'data'}\n")
+    config.write_text(f"data_dir: {tmp_path / 'data'}\n{keystore_yaml}")
     original = tmp_path / "key.asc"
     original.write_bytes(key.public)
     assert runner.invoke(main, ["-c", str(config), "keys", "import", str(original)]).exit_code == 0
@@ -149,7 +167,8 @@ def test_importing_a_revocation_holds_mail_instead_of_refusing(
     )
     result = runner.invoke(main, ["-c", str(config), "keys", "import", str(revoked)])
     assert result.exit_code == 0 and "is revoked" in result.output, result.output
-    store = SQLiteKeyStore(tmp_path / "data" / "keys.sqlite")
+    loaded = load(config)
+    store = open_store(loaded.keystore, loaded.keystore_path, create=False)
     (stored,) = store.keys_for("rita@example.test")
     assert stored.revoked and stored.usable_encryption_keys() == ()
     # Re-importing the old, unrevoked copy refreshes the key but does not un-revoke it.

@@ -1,4 +1,5 @@
-"""The registration side of the store: single-use tokens, audit trail, rate counts, notices."""
+"""The registration side of the store (each backend): single-use tokens, audit trail, rate
+counts, notices."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 
 from keystore.model import AuditEntry, PendingChange
 from keystore.sqlite import SCHEMA_VERSION, SQLiteKeyStore
-from keystore.store import StoreError
+from keystore.store import KeyStore, StoreError
 from keystore.validate import validate_key
 from tests.openpgp_tools import TestKey
 
@@ -19,8 +20,7 @@ def _pending(alice: TestKey, token_hash: str, *, expires: int = 2000) -> Pending
     return PendingChange(token_hash, "alice@example.test", key, 1000, expires, "web")
 
 
-def test_a_token_works_once_and_not_after_it_expired(tmp_path: Path, alice: TestKey) -> None:
-    store = SQLiteKeyStore(tmp_path / "k.sqlite", create=True)
+def test_a_token_works_once_and_not_after_it_expired(store: KeyStore, alice: TestKey) -> None:
     store.add_pending(_pending(alice, "a" * 64))
     assert [p.token_hash for p in store.pending_for("alice@example.test", 1500)] == ["a" * 64]
     taken = store.take_pending("a" * 64, 1500)
@@ -35,9 +35,8 @@ def test_a_token_works_once_and_not_after_it_expired(tmp_path: Path, alice: Test
 
 
 def test_a_new_upload_of_the_same_key_replaces_the_pending_one(
-    tmp_path: Path, alice: TestKey
+    store: KeyStore, alice: TestKey
 ) -> None:
-    store = SQLiteKeyStore(tmp_path / "k.sqlite", create=True)
     store.add_pending(_pending(alice, "a" * 64))
     store.add_pending(_pending(alice, "b" * 64))
     assert store.take_pending("a" * 64, 1500) is None
@@ -46,8 +45,7 @@ def test_a_new_upload_of_the_same_key_replaces_the_pending_one(
     assert store.purge_pending(1200) == 1
 
 
-def test_audit_rate_counts_and_notices(tmp_path: Path) -> None:
-    store = SQLiteKeyStore(tmp_path / "k.sqlite", create=True)
+def test_audit_rate_counts_and_notices(store: KeyStore) -> None:
     store.record_audit(AuditEntry(1, "a@x.test", "registered", "F1", "self-service"))
     store.record_audit(AuditEntry(2, "b@x.test", "registered", "F2", "admin-api"))
     store.record_audit(AuditEntry(3, "a@x.test", "withdrawn", "F1", "self-service"))
@@ -63,7 +61,7 @@ def test_audit_rate_counts_and_notices(tmp_path: Path) -> None:
     assert store.mark_notice("F1", "expired")
 
 
-def test_an_older_store_is_upgraded_and_a_newer_one_refused(tmp_path: Path) -> None:
+def test_an_older_sqlite_store_is_upgraded_and_a_newer_one_refused(tmp_path: Path) -> None:
     path = tmp_path / "k.sqlite"
     SQLiteKeyStore(path, create=True).close()
     with sqlite3.connect(path) as conn:

@@ -440,3 +440,68 @@ async def test_large_message_copies_are_made_one_at_a_time(
     assert [r.code for r in await h.send(recipients, data=large)] == [250] * 3
     assert counting.most == 1
     assert len(h.downstream.deliveries) == 6
+
+
+async def test_new_transactions_during_shutdown_get_421(
+    harness: Callable[..., object], data_dir: Path, alice: TestKey
+) -> None:
+    """Postfix keeps connections open between messages: while the filter drains, a new
+    transaction on such a connection is told to come back later, and nothing is lost."""
+    register(data_dir, alice)
+    h: Harness = await harness()  # type: ignore[misc]
+    h.service.filter.engine = SlowEngine(h.service.filter.engine, 1.0)
+    listen = h.service.config.listen
+    reader, writer = await asyncio.open_connection(listen.host, listen.port)
+    await reader.readline()
+    writer.write(b"LHLO idle.test\r\n")
+    while not (await reader.readline()).startswith(b"250 "):
+        pass
+    sending = asyncio.create_task(h.send(["alice@example.test"]))
+    for _ in range(500):
+        if h.service.filter.in_flight:
+            break
+        await asyncio.sleep(0.01)
+    closing = asyncio.create_task(h.service.close())
+    await asyncio.sleep(0.05)
+    writer.write(b"MAIL FROM:<carol@example.test>\r\n")
+    assert (await reader.readline()).startswith(b"421 4.3.2")
+    writer.close()
+    await closing
+    assert [r.code for r in await sending] == [250]
+
+
+async def test_reload_applies_a_new_policy_and_keeps_the_old_on_a_bad_file(
+    harness: Callable[..., object], tmp_path: Path
+) -> None:
+    h: Harness = await harness()  # type: ignore[misc]
+    config_file = tmp_path / "gpgfilter.yaml"
+    h.service.config_path = config_file
+    h.service.overrides = {
+        "listen": str(h.service.config.listen),
+        "deliver": str(h.service.config.deliver_to),
+        "data_dir": str(h.service.config.data_dir),
+    }
+    assert [r.code for r in await h.send(["nokey@example.test"])] == [250]
+
+    config_file.write_text("policy:\n  no_key: defer\n")
+    assert await h.service.reload()
+    assert [r.code for r in await h.send(["nokey@example.test"])] == [451]
+
+    config_file.write_text("policy:\n  no_key: sometimes\n")
+    assert not await h.service.reload()
+    assert h.service.config.policy.no_key == "defer"
+    assert [r.code for r in await h.send(["nokey@example.test"])] == [451]
+
+
+async def test_health_reports_an_unreadable_key_store(
+    harness: Callable[..., object], data_dir: Path, alice: TestKey
+) -> None:
+    register(data_dir, alice)
+    h: Harness = await harness()  # type: ignore[misc]
+    assert (await h.service.health()).status == "ok"
+    (data_dir / "keys.sqlite").rename(data_dir / "moved")
+    health = await h.service.health()
+    assert (health.ok, health.status) == (False, "failing")
+    assert "missing" in health.checks["keystore"]
+    (data_dir / "moved").rename(data_dir / "keys.sqlite")
+    assert (await h.service.health()).ok

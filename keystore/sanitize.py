@@ -181,14 +181,20 @@ def strip_key(binary: bytes) -> StrippedKey:
 
 def lone_revocation(binary: bytes) -> Signature | None:
     """The signature when ``binary`` is exactly one key revocation signature packet (what
-    ``gpg --gen-revoke`` writes), else None."""
+    ``gpg --gen-revoke`` writes); None when it is not a lone signature packet at all.
+    A lone signature that is unreadable or of another type is an ``UnfitKey``, with the reason.
+    """
     try:
         spans = list(openpgp.iter_spans(binary))
     except openpgp.PacketError:
         return None
-    if len(spans) != 1 or spans[0].tag != openpgp.TAG_SIGNATURE or spans[0].partial:
+    if len(spans) != 1 or spans[0].tag != openpgp.TAG_SIGNATURE:
         return None
-    signature = parse_signature(binary[spans[0].body : spans[0].end])
-    if signature is None or signature.sig_type != SIG_KEY_REVOCATION:
-        return None
+    signature = None if spans[0].partial else parse_signature(binary[spans[0].body : spans[0].end])
+    if signature is None:
+        raise UnfitKey("the revocation certificate is malformed")
+    if signature.sig_type != SIG_KEY_REVOCATION:
+        raise UnfitKey(
+            f"this is a signature of type 0x{signature.sig_type:02x}, not a key revocation (0x20)"
+        )
     return signature

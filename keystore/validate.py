@@ -126,10 +126,9 @@ def looks_like_revocation(data: bytes) -> bool:
     if len(data) > _MAX_REVOCATION_BYTES:
         return False
     try:
-        binary = decode_keyblock(_unmask(data))
-    except KeyRejected:
+        return sanitize.lone_revocation(decode_keyblock(_unmask(data))) is not None
+    except (KeyRejected, sanitize.UnfitKey):
         return False
-    return sanitize.lone_revocation(binary) is not None
 
 
 def check_revocation(
@@ -150,7 +149,10 @@ def check_revocation(
     if len(data) > max_bytes:
         raise KeyRejected(f"the upload is larger than {_size(max_bytes)}")
     binary = decode_keyblock(_unmask(data))
-    certificate = sanitize.lone_revocation(binary)
+    try:
+        certificate = sanitize.lone_revocation(binary)
+    except sanitize.UnfitKey as error:
+        raise KeyRejected(str(error)) from None
     options: list[str] = []
     if certificate is not None:
         if not certificate.claims_issuer(current.fingerprint):

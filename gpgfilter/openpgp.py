@@ -3,7 +3,8 @@
 No cryptography happens here: only the framing is read, to answer two structural questions —
 "is this an OpenPGP *encrypted message*?" (classification) and "to which keys is this ciphertext
 addressed?" (checking what the engine produced). Packet bodies are never interpreted beyond the
-first bytes of a public-key encrypted session key packet.
+first bytes of a public-key encrypted session key packet. ``iter_spans`` also gives each packet's
+position, so a key can be cut down packet by packet (keystore.sanitize) without re-encoding it.
 """
 
 from __future__ import annotations
@@ -14,11 +15,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 TAG_PKESK = 1
+TAG_SIGNATURE = 2
 TAG_SKESK = 3
 TAG_SECRET_KEY = 5
 TAG_PUBLIC_KEY = 6
 TAG_SECRET_SUBKEY = 7
 TAG_SED = 9
+TAG_MARKER = 10
+TAG_TRUST = 12
+TAG_USER_ID = 13
+TAG_PUBLIC_SUBKEY = 14
+TAG_USER_ATTRIBUTE = 17
 TAG_SEIPD = 18
 TAG_AEAD = 20
 ENCRYPTED_DATA_TAGS = frozenset({TAG_SED, TAG_SEIPD, TAG_AEAD})
@@ -63,12 +70,27 @@ def _body_length(data: bytes, pos: int) -> tuple[int, int, bool]:
     return 1 << (first & 0x1F), 1, True
 
 
-def iter_packets(data: bytes, *, prefix: bool = False) -> Iterator[Packet]:
-    """Walk the packet sequence. With ``prefix``, data ending inside a packet is not an error:
-    the last packet is yielded with ``complete=False`` and the walk stops."""
+@dataclass(frozen=True, slots=True)
+class Span:
+    """Where one packet lies in the data: ``data[start:end]`` is the whole packet as framed,
+    ``data[body:end]`` its body (for a partial-length packet, the body with its chunk headers)."""
+
+    tag: int
+    start: int
+    body: int
+    end: int
+    partial: bool  # new-format partial body lengths (only data packets may use them)
+    complete: bool  # False when the data ended inside the packet (prefix mode only)
+
+
+def iter_spans(data: bytes, *, prefix: bool = False) -> Iterator[Span]:
+    """Walk the packet sequence, yielding each packet's position. With ``prefix``, data ending
+    inside a packet is not an error: that packet comes with ``complete=False`` and the walk
+    stops."""
     pos = 0
     size = len(data)
     while pos < size:
+        first = pos
         ctb = data[pos]
         if not ctb & 0x80:
             raise PacketError(f"invalid packet header at offset {pos}")
@@ -80,21 +102,23 @@ def iter_packets(data: bytes, *, prefix: bool = False) -> Iterator[Packet]:
             length, hsize, partial = _body_length(data, pos)
             pos += hsize
             start = pos
+            chunked = partial
             while partial:
                 pos += length
                 if pos >= size:
                     if prefix:
-                        yield Packet(tag, data[start : start + 64], False)
+                        yield Span(tag, first, start, size, True, False)
                         return
                     raise PacketError("truncated partial body")
                 length, hsize, partial = _body_length(data, pos)
                 pos += hsize
         else:  # old format
             tag = (ctb >> 2) & 0x0F
+            chunked = False
             length_type = ctb & 0x03
             if length_type == 3:
                 # Indeterminate length: the packet runs to the end of the data.
-                yield Packet(tag, data[pos : pos + 64], True)
+                yield Span(tag, first, pos, size, False, True)
                 return
             width = 1 << length_type
             if pos + width > size:
@@ -105,11 +129,18 @@ def iter_packets(data: bytes, *, prefix: bool = False) -> Iterator[Packet]:
         end = pos + length
         if end > size:
             if prefix:
-                yield Packet(tag, data[start : start + 64], False)
+                yield Span(tag, first, start, size, chunked, False)
                 return
             raise PacketError("packet runs past the end of the data")
-        yield Packet(tag, data[start : min(end, start + 64)], True)
+        yield Span(tag, first, start, end, chunked, True)
         pos = end
+
+
+def iter_packets(data: bytes, *, prefix: bool = False) -> Iterator[Packet]:
+    """Walk the packet sequence. With ``prefix``, data ending inside a packet is not an error:
+    the last packet is yielded with ``complete=False`` and the walk stops."""
+    for span in iter_spans(data, prefix=prefix):
+        yield Packet(span.tag, data[span.body : min(span.end, span.body + 64)], span.complete)
 
 
 def find_armor(text: bytes, *, max_decode: int | None = None) -> Armored | None:

@@ -318,6 +318,52 @@ class KeyFactory:
         self._add_subkey(home, fpr, "cv25519")
         return self._finish(home, first, fpr)
 
+    def make_with_expiring_encryption_subkey(self, address: str, expires: str) -> TestKey:
+        """A primary key without expiry whose only encryption subkey expires after ``expires``
+        (gpg's notation: "3d", "1y")."""
+        home = self._new_home("e")
+        fpr = self._gen_primary(home, f"Short Sub <{address}>", "ed25519", "sign", "never", None)
+        self._add_subkey(home, fpr, "cv25519", expires)
+        return self._finish(home, address, fpr)
+
+    def make_with_photo(self, address: str) -> TestKey:
+        """An ordinary key plus a photo ID (a user attribute packet holding a tiny JPEG)."""
+        home = self._new_home("p")
+        fpr = self._gen_primary(home, f"Photo <{address}>", "ed25519", "sign", "never", None)
+        self._add_subkey(home, fpr, "cv25519")
+        photo = home / "photo.jpg"
+        # A bare JFIF header and end-of-image marker: gpg only checks the JPEG signature.
+        photo.write_bytes(bytes.fromhex("ffd8ffe000104a46494600010100000100010000ffd9"))
+        _gpg(
+            home,
+            "--command-fd",
+            "0",
+            "--edit-key",
+            fpr,
+            input=f"addphoto\n{photo}\nsave\n".encode(),
+        )
+        return self._finish(home, address, fpr)
+
+    def revocation_certificate(self, key: TestKey) -> bytes:
+        """An armored revocation certificate for ``key`` as ``gpg --gen-revoke`` writes it
+        (reason 0, no description). The key's home is left unrevoked."""
+        # --gen-revoke refuses --batch; --command-fd answers its questions instead.
+        argv = ["gpg", "--homedir", str(key.home), "--no-tty", "--status-fd", "2"]
+        argv += ["--pinentry-mode", "loopback", "--passphrase", "", "--command-fd", "0"]
+        argv += ["--armor", "--gen-revoke", key.fingerprint]
+        return _run(argv, input=b"y\n0\n\ny\n", why="gpg --gen-revoke failed").stdout
+
+    def renew(self, key: TestKey, expires: str) -> TestKey:
+        """Set a new expiry on ``key``'s primary key and all its subkeys. gpg replaces the
+        self-signatures; the old copy is then imported back, so the export carries old and new
+        self-signatures side by side, as a keyserver's merged copy would. Changes ``key``'s
+        home: use a key of your own."""
+        old = _gpg(key.home, "--export", key.fingerprint).stdout
+        _gpg(key.home, "--quick-set-expire", key.fingerprint, expires)
+        _gpg(key.home, "--quick-set-expire", key.fingerprint, expires, "*")
+        _gpg(key.home, "--import", input=old)
+        return self._finish(key.home, key.address, key.fingerprint)
+
     def flooded(self, key: TestKey, count: int = 1500, *, signers: int = 25) -> bytes:
         """``key``'s armored public export plus ``count`` third-party certifications of its UID.
 
@@ -472,6 +518,43 @@ def decrypt_all(key: TestKey, armored: bytes) -> bytes:
 
 
 # -- packet inspection ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ListedPacket:
+    """One top-level packet as ``gpg --list-packets`` sees it."""
+
+    tag: int
+    raw: bytes  # the packet with its header, cut from the input at gpg's offsets
+    issuer: str | None  # for signatures: the issuer key ID gpg reads from it
+    sigclass: int | None  # for signatures: the signature type (0x20 = key revocation)
+
+
+_GPG_PACKET_HEAD = re.compile(r"^# off=(\d+) ctb=[0-9a-f]+ tag=(\d+) hlen=(\d+) plen=(\d+)")
+
+
+def list_packets(binary: bytes) -> list[ListedPacket]:
+    """The packets of binary OpenPGP data, framed and attributed by gpg (not our parser)."""
+    with tempfile.TemporaryDirectory(prefix="lp-", dir="/tmp") as home:
+        argv = ["gpg", "--homedir", home, "--batch", "--no-autostart", "--list-packets"]
+        text = _run(argv, input=binary, why="gpg --list-packets failed").stdout.decode()
+    found: list[tuple[int, bytes]] = []
+    issuers: dict[int, str] = {}
+    classes: dict[int, int] = {}
+    for line in text.splitlines():
+        head = _GPG_PACKET_HEAD.match(line)
+        if head:
+            off, tag, hlen, plen = (int(g) for g in head.groups())
+            found.append((tag, binary[off : off + hlen + plen]))
+        elif line.startswith(":signature packet:") and found:
+            match = re.search(r"keyid ([0-9A-F]{16})", line)
+            if match:
+                issuers[len(found) - 1] = match.group(1)
+        elif (sigclass := re.search(r"\bsigclass 0x([0-9a-f]{2})", line)) and found:
+            classes[len(found) - 1] = int(sigclass.group(1), 16)
+    return [
+        ListedPacket(tag, raw, issuers.get(i), classes.get(i)) for i, (tag, raw) in enumerate(found)
+    ]
 
 
 def _sq_sections(text: str) -> list[tuple[str, list[str]]]:

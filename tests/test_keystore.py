@@ -4,7 +4,6 @@ right."""
 from __future__ import annotations
 
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from keystore.open import open_store
 from keystore.sqlite import SQLiteKeyStore
 from keystore.store import KeyStore, StoreError
 from keystore.validate import KeyRejected, validate_key
-from tests.openpgp_tools import KeyFactory, TestKey
+from tests.openpgp_tools import KeyFactory, TestKey, list_packets
 
 
 def test_valid_key_is_minimised_and_bound_to_its_address(alice: TestKey) -> None:
@@ -56,13 +55,16 @@ def test_two_keys_and_garbage_are_refused(alice: TestKey, bob: TestKey) -> None:
         validate_key(b"x" * (9 * 1024 * 1024))
 
 
-def test_flooded_key_is_stripped_quickly(key_factory: KeyFactory, alice: TestKey) -> None:
+def test_flooded_key_is_stripped(key_factory: KeyFactory, alice: TestKey) -> None:
+    """Every third-party certification is gone from what is stored; the self-signatures stay.
+    (How fast: bench/flooded_key.py.)"""
     flooded = key_factory.flooded(alice, count=1500)
-    started = time.monotonic()
     validated = validate_key(flooded)
-    elapsed = time.monotonic() - started
     assert len(validated.key.key_data) < 2048 < len(flooded)
-    assert elapsed < 5, f"validation took {elapsed:.1f}s"
+    own = alice.fingerprint[-16:]
+    signatures = [p for p in list_packets(validated.key.key_data) if p.tag == 2]
+    assert signatures and all(p.issuer == own for p in signatures)
+    assert {p.sigclass for p in signatures} == {0x13, 0x18}  # user ID and subkey binding
 
 
 def test_explicit_binding_and_uid_selection(key_factory: KeyFactory) -> None:

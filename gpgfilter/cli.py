@@ -13,6 +13,7 @@ import click
 
 from gpgfilter import setup as setup_module
 from gpgfilter.config import Config, ConfigError, load
+from gpgfilter.doctor import run_checks
 from gpgfilter.engine import EngineError
 from gpgfilter.service import run
 from keystore.open import open_store
@@ -283,3 +284,27 @@ def setup(
     for warning in warnings:
         click.echo(f"warning: {warning}", err=True)
     click.echo(f"done ({plan.mode} mode); `gpgfilter setup --undo` reverts it (record: {record})")
+
+
+@main.command()
+@_long_config_option
+@click.option(
+    "-c",
+    "--postfix-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Postfix configuration directory, as for postconf -c [default: /etc/postfix].",
+)
+@click.option("--no-postfix", is_flag=True, help="Skip the Postfix check (Postfix elsewhere).")
+@click.option("--days", default=14, show_default=True, help="Warn of keys expiring this soon.")
+@click.pass_context
+def doctor(ctx: click.Context, postfix_dir: Path | None, no_postfix: bool, days: int) -> None:
+    """Check every part of the mail path; one line each, with the fix. Exit status 1 on a fail."""
+    if postfix_dir is None and not no_postfix:
+        postfix_dir = setup_module.DEFAULT_POSTFIX_DIR
+    failed = False
+    for check in run_checks(ctx.obj["config_path"], None if no_postfix else postfix_dir, days=days):
+        click.echo(str(check))
+        failed = failed or check.status == "fail"
+    if failed:
+        sys.exit(1)

@@ -88,6 +88,8 @@ class FilterProcess:
         assert done.returncode == 0, done.stderr
 
     def start(self) -> None:
+        ready = "metrics and health on"  # logged once the listener and the metrics are up
+        earlier = self.log().count(ready)
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gpgfilter", "-c", str(self.config_path), "serve"],
@@ -96,7 +98,7 @@ class FilterProcess:
         )
         log.close()
         deadline = time.monotonic() + 20
-        while "listening on" not in self.log():
+        while self.log().count(ready) == earlier:
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"gpgfilter did not start:\n{self.log()}")
             time.sleep(0.05)

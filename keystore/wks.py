@@ -430,7 +430,8 @@ class WksServer:
         fields = _name_values(data)
         kind = fields.get("type", "")
         if kind != "confirmation-response":
-            raise WksRejected(f"unexpected WKS message type {kind[:40]!r}")
+            # The value is not quoted back: logs and replies never carry message content.
+            raise WksRejected("not a confirmation response (unexpected WKS message type)")
         if fields.get("sender", "").lower() != self.address:
             raise WksRejected(f"the response is not addressed to {self.address}")
         address = fields.get("address", "").lower()

@@ -105,6 +105,28 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PublicationConfig:
+    """Publishing registered keys by Web Key Directory and accepting them by Web Key Service."""
+
+    # Mail domains whose keys are published; empty: publication is off.
+    domains: tuple[str, ...] = ()
+    # Where WKS clients send keys and confirmations. Default: key-submission@FIRST_DOMAIN.
+    submission_address: str = ""
+    # Where the WKS mail listener accepts mail for the submission address (LMTP).
+    wks_listen: Endpoint = field(default_factory=lambda: Endpoint("127.0.0.1", 10027))
+    # Where the WKS service hands its own mail (confirmation requests) to Postfix (SMTP).
+    wks_relay: Endpoint = field(default_factory=lambda: Endpoint("127.0.0.1", 25))
+    # Seconds a confirmation request stays valid.
+    token_ttl: int = 86400
+
+    @property
+    def submission(self) -> str:
+        if self.submission_address:
+            return self.submission_address.lower()
+        return f"key-submission@{self.domains[0]}" if self.domains else ""
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     mode: Literal["lmtp", "smtp"] = "lmtp"
     listen: Endpoint = field(default_factory=lambda: Endpoint("127.0.0.1", 10025))
@@ -122,6 +144,7 @@ class Config:
     gpg: GpgConfig = field(default_factory=GpgConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    publication: PublicationConfig = field(default_factory=PublicationConfig)
 
     @property
     def deliver_to(self) -> Endpoint:
@@ -136,6 +159,11 @@ class Config:
     @property
     def gnupg_home(self) -> Path:
         return self.data_dir / "gnupg"
+
+    @property
+    def wks_home(self) -> Path:
+        """The Web Key Service's own gpg home: the submission address's secret key."""
+        return self.data_dir / "wks"
 
 
 def load(path: Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
@@ -197,6 +225,12 @@ def _convert(hint: Any, raw: Any, key: str) -> Any:
             except ValueError as error:
                 raise ConfigError(f"{key}: {error}") from None
         return _build(hint, raw, f"{key}.")
+    if origin is tuple and get_args(hint)[1:] == (Ellipsis,):
+        if not isinstance(raw, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {raw!r}")
+        return tuple(
+            _convert(get_args(hint)[0], item, f"{key}[{index}]") for index, item in enumerate(raw)
+        )
     if origin is Literal:
         choices = get_args(hint)
         if raw not in choices:
@@ -242,6 +276,8 @@ def _check(config: Any, prefix: str) -> None:
             raise ConfigError(f"{prefix}max_processes: must be at least 1")
         if config.timeout <= 0:
             raise ConfigError(f"{prefix}timeout: must be positive")
+    if isinstance(config, PublicationConfig):
+        _check_publication(config, prefix)
     if isinstance(config, Config):
         if config.max_message_size < 1024:
             raise ConfigError("max_message_size: must be at least 1024 bytes")
@@ -251,3 +287,20 @@ def _check(config: Any, prefix: str) -> None:
             raise ConfigError("recipient_delimiter: must not be blank")
         if "@" in config.recipient_delimiter:
             raise ConfigError("recipient_delimiter: must not contain @")
+
+
+def _check_publication(config: PublicationConfig, prefix: str) -> None:
+    for domain in config.domains:
+        if domain != domain.strip().lower() or "." not in domain or "@" in domain or "/" in domain:
+            raise ConfigError(
+                f"{prefix}domains: {domain!r} is not a lower-case domain name like example.org"
+            )
+    if config.submission_address:
+        local, at, domain = config.submission_address.strip().lower().rpartition("@")
+        if not at or not local or domain not in config.domains:
+            raise ConfigError(
+                f"{prefix}submission_address: must be an address in one of the domains"
+                f" ({', '.join(config.domains) or 'none configured'})"
+            )
+    if config.token_ttl < 60:
+        raise ConfigError(f"{prefix}token_ttl: must be at least 60 seconds")

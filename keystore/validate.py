@@ -310,6 +310,9 @@ class _Homedir:
         self.path = path
         self.binary = gpg_binary
         self.gpg = gnupg.GPG(gpgbinary=gpg_binary, gnupghome=str(path), options=GPG_OPTIONS)
+        # gpg lists user IDs in UTF-8; python-gnupg's default (latin-1) would garble a
+        # non-ASCII address, which then matches no user ID when the key is minimised.
+        self.gpg.encoding = "utf-8"
 
     def export_minimal(self, fingerprint: str, addresses: list[str]) -> bytes:
         command = [

@@ -886,6 +886,11 @@ maximal_backoff_time = 60s
         self._postconf("-M")
         self._postconf("-P")
 
+    def apply_main_cf(self, settings: list[str]) -> None:
+        """Apply more ``name = value`` settings (a snippet's lines) before the start."""
+        self._postconf("-e", *settings)
+        self._postconf("-n")
+
     def _expect(self, name: str, value: str) -> None:
         actual = self._postconf("-h", name).stdout.strip()
         if actual != value:

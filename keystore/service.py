@@ -42,6 +42,8 @@ def admin_token(config: Config) -> str | None:
 
 def build(config: Config, store: KeyStore) -> tuple[web.Application, Registry, Mailer]:
     """The application and its parts, wired from the configuration (tests use this too)."""
+    # python-gnupg logs the keys it imports at DEBUG: never let key material reach a log.
+    logging.getLogger("gnupg").setLevel(logging.WARNING)
     ks = config.keyserver
     mailer = Mailer(
         relay=ks.relay,

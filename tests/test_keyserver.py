@@ -6,6 +6,7 @@ decrypted with gpg and the key's secret, as its owner would.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import secrets
@@ -16,9 +17,12 @@ from pathlib import Path
 import pytest
 import yaml
 from aiohttp.test_utils import make_mocked_request
+from click.testing import CliRunner
 
+from gpgfilter.cli import main
 from keystore import registration
 from keystore.server import Settings, client_ip
+from keystore.validate import validate_key
 from tests.keyserver_harness import (
     ADMIN_TOKEN,
     PUBLIC_URL,
@@ -494,3 +498,45 @@ async def test_openapi_document_lists_exactly_the_routes(tmp_path: Path) -> None
     assert document["openapi"].startswith("3.")
     documented = {(path, method) for path, item in document["paths"].items() for method in item}
     assert documented == routes
+
+
+async def test_notify_expiry_command_for_cron(tmp_path: Path, key_factory: KeyFactory) -> None:
+    soon = key_factory.make("oscar@example.test", expires="5d")
+    async with running_keyserver(tmp_path) as ks:
+        ks.store.bind(soon.address, validate_key(soon.public).key)
+        config = tmp_path / "gpgfilter.yaml"
+        config.write_text(
+            f"data_dir: {tmp_path / 'data'}\nhostname: mx.example.test\n"
+            f"keyserver:\n  relay: 127.0.0.1:{ks.relay.port}\n"
+        )
+        command = ["keys", "notify-expiry", "--config", str(config)]
+        first = await asyncio.to_thread(CliRunner().invoke, main, command)
+        assert first.exit_code == 0 and "sent 1 expiry notice" in first.output, first.output
+        assert mails_to(ks.relay, soon.address)[-1]["Subject"] == "Your OpenPGP key expires soon"
+        again = await asyncio.to_thread(CliRunner().invoke, main, command)
+        assert "sent 0 expiry notice" in again.output
+
+
+def test_keyserver_refuses_to_start_with_an_unreadable_admin_token(tmp_path: Path) -> None:
+    config = tmp_path / "gpgfilter.yaml"
+    config.write_text(
+        f"data_dir: {tmp_path / 'data'}\n"
+        f"keyserver:\n  listen: 127.0.0.1:0\n  admin_token_file: {tmp_path / 'missing'}\n"
+    )
+    result = CliRunner().invoke(main, ["keyserver", "-c", str(config)])
+    assert result.exit_code == 1
+    assert "keyserver.admin_token_file: cannot read" in result.output
+    assert "Traceback" not in result.output
+
+
+async def test_the_service_checks_expiry_by_itself(tmp_path: Path, key_factory: KeyFactory) -> None:
+    soon = key_factory.make("pia@example.test", expires="5d")
+    async with running_keyserver(tmp_path, **{"keyserver.expiry_check_interval": "1h"}) as ks:
+        ks.store.bind(soon.address, validate_key(soon.public).key)
+        async with api_client(ks):  # starting the application starts the periodic check
+            for _ in range(100):
+                if mails_to(ks.relay, soon.address):
+                    break
+                await asyncio.sleep(0.1)
+        [notice] = mails_to(ks.relay, soon.address)
+        assert notice["Subject"] == "Your OpenPGP key expires soon"

@@ -13,9 +13,8 @@ import os
 import shutil
 import socket
 import subprocess
-import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,33 +69,19 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def served(tmp_path: Path) -> Iterator[Served]:
-    """The key service on a loopback port, run by an event loop in a thread of its own."""
+async def served(tmp_path: Path) -> AsyncIterator[Served]:
+    """The key service on a loopback port, on the test's event loop (in the main thread, where
+    asyncio can watch gpg subprocesses); the blocking browser runs in a worker thread."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    ready = threading.Event()
-    holder: dict[str, Any] = {}
-
-    async def serve() -> None:
-        async with running_keyserver(tmp_path / "ks", **{"keyserver.public_url": url}) as ks:
-            runner = web.AppRunner(ks.app, access_log_class=PathOnlyAccessLogger)
-            await runner.setup()
+    async with running_keyserver(tmp_path / "ks", **{"keyserver.public_url": url}) as ks:
+        runner = web.AppRunner(ks.app, access_log_class=PathOnlyAccessLogger)
+        await runner.setup()
+        try:
             await web.TCPSite(runner, "127.0.0.1", port).start()
-            holder["keyserver"] = ks
-            holder["stop"] = stop = asyncio.Event()
-            holder["loop"] = asyncio.get_running_loop()
-            ready.set()
-            await stop.wait()
+            yield Served(url, ks)
+        finally:
             await runner.cleanup()
-
-    thread = threading.Thread(target=lambda: asyncio.run(serve()), daemon=True)
-    thread.start()
-    assert ready.wait(60), "the key service did not start"
-    try:
-        yield Served(url, holder["keyserver"])
-    finally:
-        holder["loop"].call_soon_threadsafe(holder["stop"].set)
-        thread.join(30)
 
 
 def _wait_for(condition: Any, timeout: float = 60.0, what: str = "condition") -> Any:
@@ -142,8 +127,13 @@ def _key_from_browser(private: Path, address: str, home: Path) -> TestKey:
     return TestKey(address, fingerprint, (), public, private.read_bytes(), home)
 
 
-def test_signup_with_a_key_made_in_the_browser(served: Served, tmp_path: Path) -> None:
+async def test_signup_with_a_key_made_in_the_browser(served: Served, tmp_path: Path) -> None:
     chromium = _need_browser()
+    await asyncio.to_thread(_signup, chromium, served, tmp_path)
+
+
+def _signup(chromium: str, served: Served, tmp_path: Path) -> None:
+    """What the user does, in the browser and with gpg."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By

@@ -105,6 +105,24 @@ def serve(
         raise click.ClickException(str(error)) from None
 
 
+@main.command()
+@config_option
+@click.option("--listen", help="Address to listen on, HOST:PORT or unix:/path.")
+@click.pass_context
+def keyserver(ctx: click.Context, listen: str | None) -> None:
+    """Run the self-service key registration service (HTTP)."""
+    from keystore import service  # noqa: PLC0415  (aiohttp is only needed here)
+
+    config = _load(ctx, {"keyserver.listen": listen})
+    setup_logging(config.log_level)
+    try:
+        service.run(config)
+    except ConfigError as error:
+        raise click.ClickException(f"configuration error: {error}") from None
+    except (StoreError, OSError) as error:
+        raise click.ClickException(str(error)) from None
+
+
 @main.group()
 def keys() -> None:
     """Manage the registry of recipients' public keys."""
@@ -308,3 +326,33 @@ def doctor(ctx: click.Context, postfix_dir: Path | None, no_postfix: bool, days:
         failed = failed or check.status == "fail"
     if failed:
         sys.exit(1)
+
+
+@keys.command("notify-expiry")
+@config_option
+@click.pass_context
+def notify_expiry(ctx: click.Context) -> None:
+    """Mail owners whose key expires soon or has expired (each notice once; for cron)."""
+    import asyncio  # noqa: PLC0415
+
+    from keystore import service  # noqa: PLC0415
+
+    config = _load(ctx)
+    setup_logging(config.log_level)
+
+    async def notify() -> int:
+        store = _store(config, create=False)
+        try:
+            _, registry, mailer = service.build(config, store)
+            try:
+                return await registry.notify_expiry()
+            finally:
+                await mailer.close()
+        finally:
+            store.close()
+
+    try:
+        sent = asyncio.run(notify())
+    except (ConfigError, StoreError) as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"sent {sent} expiry notice(s)")

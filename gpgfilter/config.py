@@ -8,13 +8,15 @@ key; ``tests/test_config.py`` checks the two stay in step.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
+import re
 import socket
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal, NewType, get_args, get_origin
 
 import yaml
 
@@ -59,6 +61,20 @@ class Endpoint:
         if self.path:
             return f"unix:{self.path}"
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+Seconds = NewType("Seconds", int)
+"""A duration: whole seconds, or text such as ``90s``, ``30m``, ``48h``, ``7d`` in YAML."""
+
+_DURATION = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
+_UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> Seconds:
+    match = _DURATION.match(text)
+    if match is None:
+        raise ValueError(f"expected a duration such as 90s, 30m, 48h or 7d, got {text!r}")
+    return Seconds(int(match.group(1)) * _UNIT[match.group(2)])
 
 
 def default_data_dir() -> Path:
@@ -127,6 +143,38 @@ class PublicationConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RateLimitConfig:
+    # Key uploads and withdrawal requests per address within ``window``.
+    per_address: int = 5
+    # Requests to the API per client IP within ``window``.
+    per_client: int = 60
+    window: Seconds = Seconds(3600)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyserverConfig:
+    listen: Endpoint = field(default_factory=lambda: Endpoint("127.0.0.1", 8425))
+    # The https URL users see (behind the reverse proxy); links in mails point there.
+    # Default: http://LISTEN.
+    public_url: str = ""
+    # File holding the admin API's bearer token; the admin API is off when unset.
+    admin_token_file: Path | None = None
+    # Sender of challenges and notices. Default: keyserver@HOSTNAME.
+    mail_from: str = ""
+    relay: Endpoint = field(default_factory=lambda: Endpoint("127.0.0.1", 25))
+    token_ttl: Seconds = Seconds(48 * 3600)
+    min_valid_days: int = 7
+    max_key_bytes: int = 1024 * 1024
+    # Addresses (or networks) of reverse proxies whose X-Forwarded-For is believed.
+    trusted_proxies: tuple[str, ...] = ()
+    expiry_notice_days: int = 14
+    # How often the service looks for expiring keys; 0: never (run
+    # ``gpgfilter keys notify-expiry`` from cron instead).
+    expiry_check_interval: Seconds = Seconds(6 * 3600)
+    rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     mode: Literal["lmtp", "smtp"] = "lmtp"
     listen: Endpoint = field(default_factory=lambda: Endpoint("127.0.0.1", 10025))
@@ -145,6 +193,7 @@ class Config:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     publication: PublicationConfig = field(default_factory=PublicationConfig)
+    keyserver: KeyserverConfig = field(default_factory=KeyserverConfig)
 
     @property
     def deliver_to(self) -> Endpoint:
@@ -164,6 +213,17 @@ class Config:
     def wks_home(self) -> Path:
         """The Web Key Service's own gpg home: the submission address's secret key."""
         return self.data_dir / "wks"
+
+    @property
+    def keyserver_url(self) -> str:
+        """Where users reach the key service, without a trailing slash."""
+        if self.keyserver.public_url:
+            return self.keyserver.public_url.rstrip("/")
+        return f"http://{self.keyserver.listen}"
+
+    @property
+    def keyserver_mail_from(self) -> str:
+        return self.keyserver.mail_from or f"keyserver@{self.hostname}"
 
 
 def load(path: Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
@@ -225,6 +285,13 @@ def _convert(hint: Any, raw: Any, key: str) -> Any:
             except ValueError as error:
                 raise ConfigError(f"{key}: {error}") from None
         return _build(hint, raw, f"{key}.")
+    if hint is Seconds:
+        if isinstance(raw, bool) or not isinstance(raw, int | str):
+            raise ConfigError(f"{key}: expected a duration such as 48h, got {raw!r}")
+        try:
+            return parse_duration(str(raw))
+        except ValueError as error:
+            raise ConfigError(f"{key}: {error}") from None
     if origin is tuple and get_args(hint)[1:] == (Ellipsis,):
         if not isinstance(raw, list | tuple):
             raise ConfigError(f"{key}: expected a list, got {raw!r}")
@@ -278,6 +345,22 @@ def _check(config: Any, prefix: str) -> None:
             raise ConfigError(f"{prefix}timeout: must be positive")
     if isinstance(config, PublicationConfig):
         _check_publication(config, prefix)
+    if isinstance(config, KeyserverConfig):
+        if config.public_url and not re.match(r"^https?://[^/\s]+", config.public_url):
+            raise ConfigError(f"{prefix}public_url: expected an http(s) URL")
+        if config.max_key_bytes < 4096:
+            raise ConfigError(f"{prefix}max_key_bytes: must be at least 4096")
+        if config.token_ttl < 60:
+            raise ConfigError(f"{prefix}token_ttl: must be at least a minute")
+        for proxy in config.trusted_proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ConfigError(f"{prefix}trusted_proxies: {proxy!r} is not an address") from None
+    if isinstance(config, RateLimitConfig) and (
+        config.per_address < 1 or config.per_client < 1 or config.window < 1
+    ):
+        raise ConfigError(f"{prefix.rstrip('.')}: limits and window must be positive")
     if isinstance(config, Config):
         if config.max_message_size < 1024:
             raise ConfigError("max_message_size: must be at least 1024 bytes")

@@ -1,0 +1,361 @@
+"""The rules of self-service key registration, independent of HTTP.
+
+Only the owner of an address may bind a key to it (traps.md, 21-22): an upload stays pending
+until its owner returns the token that was mailed, encrypted to the uploaded key, to that
+address; the current key stays active until then. Two changes need no challenge because they
+prove themselves: a renewed copy of the active key (same primary key, signed by it) and a
+revocation of the active key. Every change is audited and announced to the address in clear
+text, so an owner learns of a change they did not make (traps.md, 24).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+# TEMPORARY: switch these to keystore.validate when it has the extended API, then delete the shim.
+from keystore._validate_shim import check_revocation, looks_like_revocation, validate_key
+from keystore.model import AuditEntry, PendingChange, StoredKey
+from keystore.ratelimit import RateLimiter
+from keystore.store import KeyStore
+from keystore.validate import KeyRejected, KeyRevoked
+
+log = logging.getLogger(__name__)
+
+_ADDRESS = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+$")
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]{43}$")  # secrets.token_urlsafe(32)
+TOKEN_BYTES = 32
+ORIGIN_UPLOAD = "web"
+ORIGIN_WITHDRAW = "withdraw"
+
+Purpose = Literal["confirm", "withdraw"]
+
+
+class Refused(Exception):
+    """A request the rules turn down; ``code`` is stable for clients, the message is for people
+    and never carries key material or tokens."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """A change (or a coming expiry) the owner of ``address`` is told about in clear text."""
+
+    action: str  # registered, replaced, renewed, withdrawn, revoked, expiring, expired
+    address: str
+    fingerprint: str
+    actor: str
+    expires: int | None = None
+
+
+class Mailer(Protocol):
+    async def send_challenge(
+        self, address: str, key: StoredKey, *, purpose: Purpose, token: str, expires: int
+    ) -> None:
+        """Mail ``token`` encrypted to ``key``; raises ``MailError`` when the relay refuses."""
+        ...
+
+    async def send_notice(self, notice: Notice) -> None: ...
+
+
+class MailError(Exception):
+    """The relay did not take a mail."""
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    token_ttl: int = 48 * 3600
+    min_valid_days: int = 7
+    max_key_bytes: int = 1024 * 1024
+    expiry_notice_days: int = 14
+    gpg_binary: str = "gpg"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    action: str  # pending, renewed, unchanged, revoked, registered, replaced, withdrawn,
+    # withdrawal-pending
+    address: str
+    fingerprint: str
+    expires: int | None = None  # of the key, or of the token for pending changes
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    address: str
+    fingerprint: str | None
+    expires: int | None
+    revoked: bool
+    pending: bool
+
+
+def normalise_address(address: str) -> str:
+    cleaned = address.strip().lower()
+    if len(cleaned) > 254 or not _ADDRESS.match(cleaned):
+        raise Refused("bad-address", "not a valid e-mail address")
+    return cleaned
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode("ascii")).hexdigest()
+
+
+class Registry:
+    def __init__(
+        self,
+        store: KeyStore,
+        mailer: Mailer,
+        policy: Policy,
+        limiter: RateLimiter | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.mailer = mailer
+        self.policy = policy
+        self.limiter = limiter
+        self.clock = clock
+
+    # -- self-service ------------------------------------------------------------------------
+    async def upload(self, address: str, data: bytes) -> Outcome:
+        """A key (new, replacement or renewal) or a revocation uploaded for ``address``."""
+        address = normalise_address(address)
+        self._check_size(data)
+        if self.limiter is not None:
+            await self.limiter.address(address)
+        if await asyncio.to_thread(looks_like_revocation, data):
+            return await self._revoke(address, data, actor="self-service")
+        try:
+            validated = await asyncio.to_thread(
+                validate_key,
+                data,
+                address=address,
+                require_uid=True,
+                min_valid_days=self.policy.min_valid_days,
+                max_bytes=self.policy.max_key_bytes,
+                gpg_binary=self.policy.gpg_binary,
+            )
+        except KeyRevoked as revoked:
+            if any(k.fingerprint == revoked.fingerprint for k in await self._keys(address)):
+                return await self._revoke(address, data, actor="self-service")
+            raise Refused("key-rejected", str(revoked)) from None
+        except KeyRejected as error:
+            log.info("upload for %s refused: %s", address, error)
+            raise Refused("key-rejected", str(error)) from None
+        key = validated.key
+        active = await self._keys(address)
+        same = next((k for k in active if k.fingerprint == key.fingerprint), None)
+        if same is not None:
+            return await self._renew(address, key, same, actor="self-service")
+        token = secrets.token_urlsafe(TOKEN_BYTES)
+        now = int(self.clock())
+        pending = PendingChange(
+            token_hash(token), address, key, now, now + self.policy.token_ttl, ORIGIN_UPLOAD
+        )
+        await self._challenge(pending, token, "confirm")
+        log.info("key %s for %s waits for confirmation", key.fingerprint, address)
+        return Outcome("pending", address, key.fingerprint, pending.expires)
+
+    async def request_withdrawal(self, address: str) -> Outcome:
+        """Mail a withdrawal token encrypted to the active key: only its holder can unbind it."""
+        address = normalise_address(address)
+        if self.limiter is not None:
+            await self.limiter.address(address)
+        now = int(self.clock())
+        usable = [k for k in await self._keys(address) if k.usable_encryption_keys(now)]
+        if not usable:
+            raise Refused("nothing-registered", "no usable key is registered for this address")
+        key = usable[0]
+        token = secrets.token_urlsafe(TOKEN_BYTES)
+        pending = PendingChange(
+            token_hash(token), address, key, now, now + self.policy.token_ttl, ORIGIN_WITHDRAW
+        )
+        await self._challenge(pending, token, "withdraw")
+        log.info("withdrawal of %s for %s waits for confirmation", key.fingerprint, address)
+        return Outcome("withdrawal-pending", address, key.fingerprint, pending.expires)
+
+    async def confirm(self, token: str) -> Outcome:
+        """Carry out the change the token was mailed for; a token works once, until it expires."""
+        if not _TOKEN.match(token):
+            raise Refused("token-malformed", "this is not a confirmation code")
+        now = int(self.clock())
+        pending = await asyncio.to_thread(self.store.take_pending, token_hash(token), now)
+        if pending is None:
+            raise Refused(
+                "token-invalid",
+                "this code is unknown, was already used or has expired: start again",
+            )
+        address, key = pending.address, pending.key
+        active = await self._keys(address)
+        if pending.origin == ORIGIN_WITHDRAW:
+            if not any(k.fingerprint == key.fingerprint for k in active):
+                raise Refused("stale", "the key this withdrawal was for is no longer registered")
+            await asyncio.to_thread(self.store.remove, address)
+            await self._changed("withdrawn", address, key, "self-service")
+            return Outcome("withdrawn", address, key.fingerprint, key.expires)
+        action = (
+            "replaced" if any(k.fingerprint != key.fingerprint for k in active) else "registered"
+        )
+        await asyncio.to_thread(self.store.bind, address, key, replace=True)
+        await self._changed(action, address, key, "self-service")
+        return Outcome(action, address, key.fingerprint, key.expires)
+
+    async def status(self, address: str) -> Status:
+        """What a public WKD lookup would tell, plus whether an upload waits for confirmation."""
+        address = normalise_address(address)
+        now = int(self.clock())
+        keys = await self._keys(address)
+        pending = await asyncio.to_thread(self.store.pending_for, address, now)
+        waiting = any(p.origin == ORIGIN_UPLOAD for p in pending)
+        if not keys:
+            return Status(address, None, None, False, waiting)
+        key = keys[-1]
+        return Status(address, key.fingerprint, key.expires, key.revoked, waiting)
+
+    # -- administrator ---------------------------------------------------------------------
+    async def admin_bind(self, address: str, data: bytes) -> Outcome:
+        """Bind without a challenge: the provider has verified the owner some other way."""
+        address = normalise_address(address)
+        self._check_size(data)
+        try:
+            validated = await asyncio.to_thread(
+                validate_key,
+                data,
+                address=address,
+                require_uid=False,
+                min_valid_days=self.policy.min_valid_days,
+                max_bytes=self.policy.max_key_bytes,
+                gpg_binary=self.policy.gpg_binary,
+            )
+        except KeyRejected as error:
+            raise Refused("key-rejected", str(error)) from None
+        key = validated.key
+        active = await self._keys(address)
+        if any(k.fingerprint == key.fingerprint for k in active):
+            action = "renewed"
+        elif active:
+            action = "replaced"
+        else:
+            action = "registered"
+        await asyncio.to_thread(self.store.bind, address, key, replace=True)
+        await self._changed(action, address, key, "admin-api")
+        return Outcome(action, address, key.fingerprint, key.expires)
+
+    async def admin_withdraw(self, address: str) -> Outcome:
+        address = normalise_address(address)
+        active = await self._keys(address)
+        if not active:
+            raise Refused("nothing-registered", "no key is registered for this address")
+        await asyncio.to_thread(self.store.remove, address)
+        for key in active:
+            await self._changed("withdrawn", address, key, "admin-api")
+        return Outcome("withdrawn", address, active[-1].fingerprint, active[-1].expires)
+
+    async def audit_log(self, address: str | None, limit: int) -> list[AuditEntry]:
+        if address is not None:
+            address = normalise_address(address)
+        return await asyncio.to_thread(self.store.audit_log, address, limit)
+
+    # -- expiry ----------------------------------------------------------------------------
+    async def notify_expiry(self) -> int:
+        """Tell owners before and when their key expires, each once per key and expiry date
+        (a renewed key gets its own notices later); returns how many notices went out."""
+        now = int(self.clock())
+        horizon = now + self.policy.expiry_notice_days * 86400
+        sent = 0
+        for binding in await asyncio.to_thread(self.store.bindings):
+            key = binding.key
+            ends = last_usable_moment(key)
+            if key.revoked or ends is None or ends > horizon:
+                continue
+            kind = "expired" if ends <= now else "expiring"
+            first = await asyncio.to_thread(
+                self.store.mark_notice, key.fingerprint, f"{kind}:{ends}"
+            )
+            if first:
+                notice = Notice(kind, binding.address, key.fingerprint, "expiry", ends)
+                if await self._notify(notice):
+                    sent += 1
+        return sent
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _check_size(self, data: bytes) -> None:
+        if len(data) > self.policy.max_key_bytes:
+            raise Refused("too-large", f"a key may have at most {self.policy.max_key_bytes} bytes")
+
+    async def _keys(self, address: str) -> list[StoredKey]:
+        return await asyncio.to_thread(self.store.keys_for, address)
+
+    async def _challenge(self, pending: PendingChange, token: str, purpose: Purpose) -> None:
+        """Keep the change, then mail its token; a change whose mail failed is dropped again."""
+        await asyncio.to_thread(self.store.add_pending, pending)
+        try:
+            await self.mailer.send_challenge(
+                pending.address, pending.key, purpose=purpose, token=token, expires=pending.expires
+            )
+        except MailError as error:
+            await asyncio.to_thread(self.store.take_pending, pending.token_hash, pending.created)
+            log.warning("challenge mail to %s failed: %s", pending.address, error)
+            raise Refused(
+                "mail-failed", "the confirmation mail could not be sent: try later"
+            ) from None
+
+    async def _renew(
+        self, address: str, key: StoredKey, current: StoredKey, *, actor: str
+    ) -> Outcome:
+        """The owner's own signature vouches for a renewed copy: no challenge needed."""
+        if current.revoked:
+            raise Refused("key-revoked", "this key was revoked: register a new key")
+        if key.key_data == current.key_data:
+            return Outcome("unchanged", address, key.fingerprint, key.expires)
+        await asyncio.to_thread(self.store.bind, address, key, replace=False)
+        await self._changed("renewed", address, key, actor)
+        return Outcome("renewed", address, key.fingerprint, key.expires)
+
+    async def _revoke(self, address: str, data: bytes, *, actor: str) -> Outcome:
+        """A revocation signed by the active key takes effect at once: its holder said so."""
+        for key in await self._keys(address):
+            if key.revoked:
+                continue
+            if await asyncio.to_thread(check_revocation, data, key):
+                await asyncio.to_thread(self.store.revoke, key.fingerprint)
+                await self._changed("revoked", address, key, actor)
+                return Outcome("revoked", address, key.fingerprint, key.expires)
+        raise Refused(
+            "revocation-unmatched", "this revocation is not for a key registered for this address"
+        )
+
+    async def _changed(self, action: str, address: str, key: StoredKey, actor: str) -> None:
+        entry = AuditEntry(int(self.clock()), address, action, key.fingerprint, actor)
+        await asyncio.to_thread(self.store.record_audit, entry)
+        log.info("key %s %s for %s by %s", key.fingerprint, action, address, actor)
+        await self._notify(Notice(action, address, key.fingerprint, actor, key.expires))
+
+    async def _notify(self, notice: Notice) -> bool:
+        """A notice that cannot be sent does not undo the change; it is logged instead."""
+        try:
+            await self.mailer.send_notice(notice)
+        except MailError as error:
+            log.warning("notice (%s) to %s failed: %s", notice.action, notice.address, error)
+            return False
+        return True
+
+
+def last_usable_moment(key: StoredKey) -> int | None:
+    """When the key stops being able to encrypt: its primary key's or its last encryption
+    subkey's expiry, whichever comes first; None for never."""
+    ends: list[int] = []
+    if key.encryption_keys and all(k.expires is not None for k in key.encryption_keys):
+        ends.append(max(k.expires for k in key.encryption_keys if k.expires is not None))
+    if key.expires is not None:
+        ends.append(key.expires)
+    return min(ends) if ends else None

@@ -1,0 +1,374 @@
+"""The HTTP face of key registration: JSON API, admin API, signup and confirmation pages.
+
+Everything that decides lives in :mod:`keystore.registration`; this module only translates.
+Other services (Web Key Directory, ...) add their routes to the application :func:`create_app`
+returns. Tokens only ever travel in POST bodies (or URL fragments, which browsers never send),
+and the access log writes the path without the query, so no token reaches a log.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import ipaddress
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+from keystore.ratelimit import RateLimited, RateLimiter
+from keystore.registration import Outcome, Refused, Registry
+from keystore.store import StoreError
+
+log = logging.getLogger(__name__)
+
+WEB_DIR = Path(__file__).parent / "web"
+OPENAPI = Path(__file__).parent / "openapi.yaml"
+OPENPGP_JS = WEB_DIR / "node_modules" / "openpgp" / "dist" / "openpgp.min.mjs"
+
+_STATUS = {
+    "bad-request": 400,
+    "token-malformed": 400,
+    "bad-address": 422,
+    "key-rejected": 422,
+    "key-revoked": 422,
+    "revocation-unmatched": 422,
+    "too-large": 413,
+    "nothing-registered": 404,
+    "token-invalid": 410,
+    "stale": 409,
+    "mail-failed": 503,
+}
+_ACCEPTED = {"pending": 202, "withdrawal-pending": 202}
+_MESSAGES = {
+    "pending": "A confirmation mail, encrypted to this key, was sent to {address}. Decrypt it"
+    " and follow the link in it (or enter its code on the confirmation page) to activate the"
+    " key. Until then nothing changes.",
+    "withdrawal-pending": "A mail, encrypted to the registered key, was sent to {address}."
+    " Decrypt it and confirm to withdraw the key.",
+    "renewed": "The registered key was updated.",
+    "unchanged": "This key is already registered, unchanged.",
+    "revoked": "The key is revoked: mail for {address} is held until a new key is registered.",
+    "registered": "The key is now registered: incoming mail for {address} is encrypted to it.",
+    "replaced": "The new key is now registered: incoming mail for {address} is encrypted to it.",
+    "withdrawn": "The key is no longer registered for {address}.",
+}
+_STATIC = {
+    "app.js": "text/javascript",
+    "confirm.js": "text/javascript",
+    "style.css": "text/css",
+}
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+    "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    max_key_bytes: int = 1024 * 1024
+    admin_token: str | None = None
+    trusted_proxies: tuple[str, ...] = ()
+    openpgp_js: Path = OPENPGP_JS
+    web_dir: Path = WEB_DIR
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        nets = tuple(ipaddress.ip_network(p, strict=False) for p in self.trusted_proxies)
+        object.__setattr__(self, "networks", nets)
+
+    @property
+    def body_limit(self) -> int:
+        """A JSON body may carry the key in base64 (4/3 of its size) plus a few fields."""
+        return self.max_key_bytes * 4 // 3 + 4096
+
+
+REGISTRY = web.AppKey("registry", Registry)
+LIMITER = web.AppKey("limiter", RateLimiter)
+SETTINGS = web.AppKey("settings", Settings)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def create_app(
+    registry: Registry, settings: Settings, limiter: RateLimiter | None
+) -> web.Application:
+    app = web.Application(
+        client_max_size=settings.body_limit, middlewares=[_headers, _errors, _limit_clients]
+    )
+    app[REGISTRY] = registry
+    app[SETTINGS] = settings
+    if limiter is not None:
+        app[LIMITER] = limiter
+    router = app.router
+    router.add_get("/", _page("index.html"))
+    router.add_get("/confirm", _page("confirm.html"))
+    router.add_get("/static/openpgp.min.mjs", _openpgp_js)
+    router.add_get("/static/{name}", _static)
+    router.add_get("/api/v1/openapi.yaml", _openapi)
+    router.add_post("/api/v1/keys", upload)
+    router.add_get("/api/v1/keys/{address}", status)
+    router.add_post("/api/v1/confirm", confirm)
+    router.add_post("/api/v1/withdraw", withdraw)
+    router.add_put("/api/v1/admin/keys/{address}", admin_bind)
+    router.add_delete("/api/v1/admin/keys/{address}", admin_withdraw)
+    router.add_get("/api/v1/admin/audit", admin_audit)
+    return app
+
+
+# -- middlewares ---------------------------------------------------------------------------
+@web.middleware
+async def _headers(request: web.Request, handler: Handler) -> web.StreamResponse:
+    response = await handler(request)
+    response.headers.setdefault("Content-Security-Policy", CSP)
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Referrer-Policy"] = "no-referrer"
+    response.headers["X-Frame-Options"] = "DENY"
+    if request.path.startswith("/api/"):
+        response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except Refused as refused:
+        return _error(_STATUS.get(refused.code, 400), refused.code, str(refused))
+    except RateLimited as limited:
+        response = _error(429, "rate-limited", str(limited))
+        response.headers["Retry-After"] = str(limited.retry_after)
+        return response
+    except web.HTTPRequestEntityTooLarge:
+        return _too_large(request)
+    except StoreError as error:
+        log.error("key store: %s", error)
+        return _error(503, "unavailable", "the key store is unavailable: try again later")
+
+
+@web.middleware
+async def _limit_clients(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Per-client limits on the public API; the admin API and the description are exempt."""
+    path = request.path
+    limiter = request.app.get(LIMITER)
+    if (
+        limiter is not None
+        and path.startswith("/api/v1/")
+        and not path.startswith("/api/v1/admin/")
+        and path != "/api/v1/openapi.yaml"
+    ):
+        await limiter.client(client_ip(request, request.app[SETTINGS]))
+    return await handler(request)
+
+
+def client_ip(request: web.Request, settings: Settings) -> str:
+    """The peer, or behind a trusted reverse proxy the last address it saw that is not
+    itself a trusted proxy (the left part of X-Forwarded-For can be forged by the client)."""
+    peer = request.remote or ""
+    chain = [peer]
+    if _trusted(peer, settings):
+        for header in request.headers.getall("X-Forwarded-For", []):
+            chain[:0] = [part.strip() for part in header.split(",") if part.strip()]
+    for hop in reversed(chain):
+        if not _trusted(hop, settings):
+            return hop
+    return chain[0]
+
+
+def _trusted(address: str, settings: Settings) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in settings.networks)
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": code, "message": message}, status=status)
+
+
+def _too_large(request: web.Request) -> web.Response:
+    limit = request.app[SETTINGS].max_key_bytes
+    return _error(413, "too-large", f"a key may have at most {limit} bytes")
+
+
+# -- JSON API -------------------------------------------------------------------------------
+async def _body(request: web.Request) -> dict[str, Any]:
+    """The JSON object of a request, refused before reading when its announced size is over."""
+    length = request.content_length
+    if length is not None and length > request.app[SETTINGS].body_limit:
+        raise web.HTTPRequestEntityTooLarge(
+            max_size=request.app[SETTINGS].body_limit, actual_size=length
+        )
+    try:
+        data = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise Refused("bad-request", "the body must be a JSON object") from None
+    if not isinstance(data, dict):
+        raise Refused("bad-request", "the body must be a JSON object")
+    return data
+
+
+def _text(body: dict[str, Any], name: str) -> str:
+    value = body.get(name)
+    if not isinstance(value, str) or not value:
+        raise Refused("bad-request", f"{name} is missing")
+    return value
+
+
+def _key_bytes(body: dict[str, Any]) -> bytes:
+    """The key as text (armored) in ``key``, or in any form base64-encoded in ``key_base64``."""
+    if isinstance(body.get("key_base64"), str):
+        try:
+            return base64.b64decode(body["key_base64"], validate=True)
+        except binascii.Error:
+            raise Refused("bad-request", "key_base64 is not base64") from None
+    return _text(body, "key").encode("utf-8")
+
+
+def _outcome(outcome: Outcome) -> web.Response:
+    payload: dict[str, Any] = {
+        "status": outcome.action,
+        "address": outcome.address,
+        "fingerprint": outcome.fingerprint,
+        "message": _MESSAGES[outcome.action].format(address=outcome.address),
+    }
+    key = "token_expires" if outcome.action in _ACCEPTED else "expires"
+    payload[key] = outcome.expires
+    return web.json_response(payload, status=_ACCEPTED.get(outcome.action, 200))
+
+
+async def upload(request: web.Request) -> web.Response:
+    body = await _body(request)
+    data = _key_bytes(body)
+    if len(data) > request.app[SETTINGS].max_key_bytes:
+        return _too_large(request)
+    return _outcome(await request.app[REGISTRY].upload(_text(body, "address"), data))
+
+
+async def confirm(request: web.Request) -> web.Response:
+    body = await _body(request)
+    return _outcome(await request.app[REGISTRY].confirm(_text(body, "token").strip()))
+
+
+async def withdraw(request: web.Request) -> web.Response:
+    body = await _body(request)
+    return _outcome(await request.app[REGISTRY].request_withdrawal(_text(body, "address")))
+
+
+async def status(request: web.Request) -> web.Response:
+    found = await request.app[REGISTRY].status(request.match_info["address"])
+    active = None
+    if found.fingerprint is not None:
+        active = {
+            "fingerprint": found.fingerprint,
+            "expires": found.expires,
+            "revoked": found.revoked,
+        }
+    return web.json_response({"address": found.address, "key": active, "pending": found.pending})
+
+
+# -- admin API ------------------------------------------------------------------------------
+def _admin(request: web.Request) -> Registry:
+    """Bearer token compared in constant time; without a configured token the API is absent."""
+    expected = request.app[SETTINGS].admin_token
+    if expected is None:
+        raise web.HTTPNotFound
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        given.strip().encode("utf-8"), expected.encode("utf-8")
+    ):
+        raise web.HTTPUnauthorized(
+            headers={"WWW-Authenticate": 'Bearer realm="gpgfilter-admin"'},
+            text=json.dumps({"error": "unauthorized", "message": "a valid admin token is needed"}),
+            content_type="application/json",
+        )
+    return request.app[REGISTRY]
+
+
+async def admin_bind(request: web.Request) -> web.Response:
+    registry = _admin(request)
+    body = await _body(request)
+    data = _key_bytes(body)
+    if len(data) > request.app[SETTINGS].max_key_bytes:
+        return _too_large(request)
+    return _outcome(await registry.admin_bind(request.match_info["address"], data))
+
+
+async def admin_withdraw(request: web.Request) -> web.Response:
+    registry = _admin(request)
+    return _outcome(await registry.admin_withdraw(request.match_info["address"]))
+
+
+async def admin_audit(request: web.Request) -> web.Response:
+    registry = _admin(request)
+    try:
+        limit = min(int(request.query.get("limit", "100")), 1000)
+    except ValueError:
+        raise Refused("bad-request", "limit must be a number") from None
+    entries = await registry.audit_log(request.query.get("address"), max(limit, 1))
+    return web.json_response(
+        {
+            "entries": [
+                {
+                    "at": e.at,
+                    "address": e.address,
+                    "action": e.action,
+                    "fingerprint": e.fingerprint,
+                    "actor": e.actor,
+                }
+                for e in entries
+            ]
+        }
+    )
+
+
+# -- pages and files -----------------------------------------------------------------------
+def _page(name: str) -> Handler:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        path = request.app[SETTINGS].web_dir / name
+        return web.FileResponse(path, headers={"Content-Type": "text/html; charset=utf-8"})
+
+    return handler
+
+
+async def _static(request: web.Request) -> web.StreamResponse:
+    name = request.match_info["name"]
+    if name not in _STATIC:
+        raise web.HTTPNotFound
+    path = request.app[SETTINGS].web_dir / "static" / name
+    return web.FileResponse(path, headers={"Content-Type": _STATIC[name]})
+
+
+async def _openpgp_js(request: web.Request) -> web.StreamResponse:
+    """Served from our own host (no CDN): missing means the page offers paste/upload only."""
+    path = request.app[SETTINGS].openpgp_js
+    if not path.is_file():
+        raise web.HTTPNotFound
+    return web.FileResponse(path, headers={"Content-Type": "text/javascript"})
+
+
+async def _openapi(request: web.Request) -> web.StreamResponse:
+    return web.FileResponse(OPENAPI, headers={"Content-Type": "application/yaml"})
+
+
+class PathOnlyAccessLogger(AbstractAccessLogger):
+    """One line per request with the path but never the query string, nor any header that
+    could carry a token (Authorization, Referer)."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.info(
+            '%s "%s %s" %s %s %.3f',
+            request.remote,
+            request.method,
+            request.path,
+            response.status,
+            response.body_length,
+            time,
+        )

@@ -20,12 +20,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-# TEMPORARY: switch these to keystore.validate when it has the extended API, then delete the shim.
-from keystore._validate_shim import check_revocation, looks_like_revocation, validate_key
 from keystore.model import AuditEntry, PendingChange, StoredKey
 from keystore.ratelimit import RateLimiter
 from keystore.store import KeyStore
-from keystore.validate import KeyRejected, KeyRevoked
+from keystore.validate import (
+    KeyRejected,
+    KeyRevoked,
+    check_revocation,
+    looks_like_revocation,
+    validate_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -326,7 +330,13 @@ class Registry:
         for key in await self._keys(address):
             if key.revoked:
                 continue
-            if await asyncio.to_thread(check_revocation, data, key):
+            try:
+                revokes = await asyncio.to_thread(
+                    check_revocation, data, key, gpg_binary=self.policy.gpg_binary
+                )
+            except KeyRejected:  # not for this key (or forged): try the address's others
+                continue
+            if revokes:
                 await asyncio.to_thread(self.store.revoke, key.fingerprint)
                 await self._changed("revoked", address, key, actor)
                 return Outcome("revoked", address, key.fingerprint, key.expires)

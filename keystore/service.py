@@ -11,18 +11,19 @@ from aiohttp import web
 
 from gpgfilter.config import Config, ConfigError
 from keystore.mailer import Mailer
+from keystore.open import open_store as open_keystore
 from keystore.ratelimit import RateLimiter
 from keystore.registration import Policy, Registry
 from keystore.server import PathOnlyAccessLogger, Settings, create_app
-from keystore.sqlite import SQLiteKeyStore
 from keystore.store import KeyStore
+from keystore.wkd import StoreWkdLookup, wkd_routes
+from keystore.wks_listener import WksHandler, relay_sender, start_wks_listener, wks_from_config
 
 log = logging.getLogger(__name__)
 
 
 def open_store(config: Config) -> KeyStore:
-    """The one place the service opens its store (to become ``keystore.open.open_store``)."""
-    return SQLiteKeyStore(config.keystore_path, create=True)
+    return open_keystore(config.keystore, config.keystore_path, create=True)
 
 
 def admin_token(config: Config) -> str | None:
@@ -100,9 +101,40 @@ async def _expiry_loop(registry: Registry, interval: int) -> None:
         await asyncio.sleep(interval)
 
 
+def add_publication(config: Config, store: KeyStore, app: web.Application) -> None:
+    """Web Key Directory routes and the Web Key Service mail listener, when
+    ``publication.domains`` names domains. Blocking (makes the submission key on first use):
+    call it before the event loop runs."""
+    publication = config.publication
+    if not publication.domains:
+        return
+    wks, relay = wks_from_config(config, store)
+    lookup = StoreWkdLookup(
+        store,
+        publication.domains,
+        submission_address=wks.address,
+        submission_key=wks.key.public_key,
+        pending_seconds=publication.token_ttl,
+    )
+    app.add_routes(wkd_routes(lookup))
+
+    async def listener(_app: web.Application) -> AsyncIterator[None]:
+        handler = WksHandler(wks, relay_sender(relay))
+        server = await start_wks_listener(handler, publication.wks_listen, hostname=config.hostname)
+        log.info("web key service listening on %s for %s", publication.wks_listen, wks.address)
+        yield
+        server.close()
+        await server.wait_closed()
+        await relay.close()
+        wks.key.close()
+
+    app.cleanup_ctx.append(listener)
+
+
 def run(config: Config) -> None:
     store = open_store(config)
     app, _, _ = build(config, store)
+    add_publication(config, store, app)
     listen = config.keyserver.listen
     log.info("key service on %s, public URL %s", listen, config.keyserver_url)
     try:

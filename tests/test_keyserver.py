@@ -190,7 +190,7 @@ async def test_refused_uploads(
         for key, why in (
             (expired, "expired"),
             (sign_only, "encryption"),
-            (short_lived, "7 more days"),
+            (short_lived, "within 7 days"),
         ):
             response = await client.post("/api/v1/keys", json=_upload(key, key.address))
             assert response.status == 422, why

@@ -254,6 +254,8 @@ def load(path: Path | None = None, overrides: dict[str, Any] | None = None) -> C
 
 
 def _build(cls: type[Any], data: Any, prefix: str) -> Any:
+    if data is None:  # a section whose keys are all commented out
+        data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping")
     hints = typing.get_type_hints(cls)

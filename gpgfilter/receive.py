@@ -115,25 +115,48 @@ async def start_server(
     hostname: str,
     data_size_limit: int,
 ) -> asyncio.AbstractServer:
-    """Listen on ``endpoint``; each connection gets its own protocol instance.
+    """Listen on ``endpoint`` for Postfix.
 
     With LMTP the size limit is the handler's, which can answer once per recipient: aiosmtpd's
     own limit answers once per message, which an LMTP client would wait on in vain. aiosmtpd
     keeps a looser limit (twice as much) only to bound memory.
     """
-    loop = asyncio.get_running_loop()
     if handler.lmtp:
         data_size_limit *= 2
-    protocol_class: Any = _LMTPServer if handler.lmtp else _SMTPServer
+    return await listen(
+        handler,
+        endpoint,
+        lmtp=handler.lmtp,
+        hostname=hostname,
+        data_size_limit=data_size_limit,
+        ident="gpgfilter",
+        protocol_class=_LMTPServer if handler.lmtp else _SMTPServer,
+    )
+
+
+async def listen(
+    handler: object,
+    endpoint: Endpoint,
+    *,
+    lmtp: bool,
+    hostname: str,
+    data_size_limit: int,
+    ident: str,
+    protocol_class: type[SMTP] | None = None,
+) -> asyncio.AbstractServer:
+    """An aiosmtpd SMTP or LMTP server on ``endpoint``; each connection gets its own protocol
+    instance, raw bytes (no decoding) and SMTPUTF8."""
+    loop = asyncio.get_running_loop()
+    chosen: Any = protocol_class or (LMTP if lmtp else SMTP)
 
     def factory() -> SMTP:
-        server: SMTP = protocol_class(
+        server: SMTP = chosen(
             handler,
             data_size_limit=data_size_limit,
             enable_SMTPUTF8=True,
             decode_data=False,
             hostname=hostname,
-            ident="gpgfilter",
+            ident=ident,
             loop=loop,
         )
         return server

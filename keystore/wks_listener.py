@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
 
-from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from gpgfilter.config import Config, Endpoint
 from gpgfilter.deliver import MailClient
+from gpgfilter.receive import listen
 from keystore.store import KeyStore
 from keystore.wks import MAX_MESSAGE_BYTES, Send, ServiceKey, WksIgnored, WksRejected, WksServer
 
@@ -92,25 +91,14 @@ def relay_sender(client: MailClient) -> Send:
 async def start_wks_listener(
     handler: WksHandler, endpoint: Endpoint, *, hostname: str
 ) -> asyncio.AbstractServer:
-    """Listen on ``endpoint``; each connection gets its own protocol instance."""
-    loop = asyncio.get_running_loop()
-    protocol_class: Any = LMTP if handler.lmtp else SMTP
-
-    def factory() -> SMTP:
-        server: SMTP = protocol_class(
-            handler,
-            data_size_limit=2 * MAX_MESSAGE_BYTES,
-            enable_SMTPUTF8=True,
-            decode_data=False,
-            hostname=hostname,
-            ident="gpgfilter-wks",
-            loop=loop,
-        )
-        return server
-
-    if endpoint.is_unix:
-        return await loop.create_unix_server(factory, endpoint.path)
-    return await loop.create_server(factory, endpoint.host, endpoint.port, reuse_address=True)
+    return await listen(
+        handler,
+        endpoint,
+        lmtp=handler.lmtp,
+        hostname=hostname,
+        data_size_limit=2 * MAX_MESSAGE_BYTES,
+        ident="gpgfilter-wks",
+    )
 
 
 def wks_from_config(config: Config, store: KeyStore) -> tuple[WksServer, MailClient]:

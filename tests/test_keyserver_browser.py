@@ -1,9 +1,10 @@
-"""The signup flow in a real browser: Chromium makes the key with OpenPGP.js, the user saves
-the private key, registers, decrypts the challenge with gpg and that key, and confirms.
+"""The signup flow in a real browser, through the real mail stack: Chromium makes the key with
+OpenPGP.js, the user saves the private key and registers; the challenge travels through Postfix,
+gpgfilter and Dovecot into the mailbox, where the user decrypts it with gpg and that key and
+confirms; mail sent to the address afterwards is stored encrypted to the browser-made key.
 
-The service runs in a thread of its own (selenium blocks) with the fake SMTP relay; to run
-the same flow through Postfix and Dovecot, start the service with ``relay`` pointing at
-Postfix and take the challenge from the mailbox instead of ``relay.deliveries``.
+The service runs on the test's event loop; selenium and IMAP block, so they run in a worker
+thread.
 """
 
 from __future__ import annotations
@@ -23,8 +24,17 @@ import pytest
 from aiohttp import web
 
 from keystore.server import OPENPGP_JS, PathOnlyAccessLogger
-from tests.keyserver_harness import Keyserver, challenge_token, running_keyserver
-from tests.openpgp_tools import TestKey
+from tests.e2e_stack import Stack
+from tests.keyserver_harness import (
+    TOKEN_IN_TEXT,
+    Keyserver,
+    ciphertext_of,
+    parse,
+    running_keyserver,
+)
+from tests.mailstack import require_mail_stack
+from tests.openpgp_tools import TestKey, decrypt_gpg
+from tests.pgpmime_check import armored_part
 
 CHROMEDRIVER = "/usr/bin/chromedriver"
 CHROME_FLAGS = (
@@ -38,6 +48,7 @@ CHROME_FLAGS = (
     "--disable-sync",
 )
 ADDRESS = "nina@example.test"
+SENDER = "sender@example.test"
 
 
 def _need_browser() -> str:
@@ -59,6 +70,7 @@ def _need_browser() -> str:
 class Served:
     url: str
     keyserver: Keyserver
+    stack: Stack
 
 
 def _free_port() -> int:
@@ -70,18 +82,28 @@ def _free_port() -> int:
 
 @pytest.fixture
 async def served(tmp_path: Path) -> AsyncIterator[Served]:
-    """The key service on a loopback port, on the test's event loop (in the main thread, where
-    asyncio can watch gpg subprocesses); the blocking browser runs in a worker thread."""
+    """Postfix → gpgfilter → Dovecot, and the key service sharing the filter's key store and
+    mailing through that Postfix; the service is on the test's event loop (in the main thread,
+    where asyncio can watch gpg subprocesses)."""
+    require_mail_stack()
+    _need_browser()
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    async with running_keyserver(tmp_path / "ks", **{"keyserver.public_url": url}) as ks:
-        runner = web.AppRunner(ks.app, access_log_class=PathOnlyAccessLogger)
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, "127.0.0.1", port).start()
-            yield Served(url, ks)
-        finally:
-            await runner.cleanup()
+    with Stack(tmp_path / "stack", mode="lmtp", users=[ADDRESS, SENDER]) as stack:
+        assert stack.filter is not None
+        overrides = {
+            "keyserver.public_url": url,
+            "keyserver.relay": f"127.0.0.1:{stack.postfix.smtp_port}",
+            "data_dir": str(stack.filter.data_dir),
+        }
+        async with running_keyserver(tmp_path / "ks", **overrides) as ks:
+            runner = web.AppRunner(ks.app, access_log_class=PathOnlyAccessLogger)
+            await runner.setup()
+            try:
+                await web.TCPSite(runner, "127.0.0.1", port).start()
+                yield Served(url, ks, stack)
+            finally:
+                await runner.cleanup()
 
 
 def _wait_for(condition: Any, timeout: float = 60.0, what: str = "condition") -> Any:
@@ -184,14 +206,18 @@ def _signup(chromium: str, served: Served, tmp_path: Path) -> None:
         driver.find_element(By.ID, "register").click()
         result = driver.find_element(By.ID, "result")
         _wait_for(lambda: "was sent to" in result.text, what="the registration answer")
-        relay = served.keyserver.relay
         store = served.keyserver.store
         assert store.keys_for(ADDRESS) == []
 
         key = _key_from_browser(private, ADDRESS, tmp_path / "gnupg")
         [pending] = store.pending_for(ADDRESS, int(time.time()))
         assert pending.key.fingerprint == key.fingerprint
-        token = challenge_token(relay, key, ADDRESS)
+        # The challenge, from the mailbox: Postfix → gpgfilter (already encrypted) → Dovecot.
+        [stored] = served.stack.dovecot.wait_for(ADDRESS, 1, timeout=60)
+        plaintext = decrypt_gpg(key, ciphertext_of(parse(stored)))
+        found = TOKEN_IN_TEXT.search(plaintext.decode("utf-8"))
+        assert found, "no token in the decrypted challenge"
+        token = found.group(1)
 
         driver.get(f"{served.url}/confirm#token={token}")
         field = driver.find_element(By.ID, "token")
@@ -205,3 +231,16 @@ def _signup(chromium: str, served: Served, tmp_path: Path) -> None:
         driver.quit()
     [active] = store.keys_for(ADDRESS)
     assert active.fingerprint == key.fingerprint and active.usable_encryption_keys()
+
+    # From now on the filter encrypts this user's mail to the browser-made key.
+    message = (
+        f"From: {SENDER}\r\nTo: {ADDRESS}\r\nSubject: welcome\r\n"
+        "Message-ID: <after-signup@example.test>\r\n\r\nonly nina can read this\r\n"
+    ).encode()
+    served.stack.postfix.send(SENDER, [ADDRESS], message)
+    mailbox = _wait_for(
+        lambda: [m for m in served.stack.dovecot.fetch_all(ADDRESS) if b"<after-signup@" in m],
+        what="the mail sent after signup",
+    )
+    assert b"only nina can read this" not in mailbox[0]
+    assert b"only nina can read this" in decrypt_gpg(key, armored_part(mailbox[0]))

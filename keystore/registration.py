@@ -26,6 +26,7 @@ from keystore.store import KeyStore
 from keystore.validate import (
     KeyRejected,
     KeyRevoked,
+    ValidatedKey,
     check_revocation,
     looks_like_revocation,
     validate_key,
@@ -139,15 +140,7 @@ class Registry:
         if await asyncio.to_thread(looks_like_revocation, data):
             return await self._revoke(address, data, actor="self-service")
         try:
-            validated = await asyncio.to_thread(
-                validate_key,
-                data,
-                address=address,
-                require_uid=True,
-                min_valid_days=self.policy.min_valid_days,
-                max_bytes=self.policy.max_key_bytes,
-                gpg_binary=self.policy.gpg_binary,
-            )
+            validated = await self._validate(data, address, require_uid=True)
         except KeyRevoked as revoked:
             if any(k.fingerprint == revoked.fingerprint for k in await self._keys(address)):
                 return await self._revoke(address, data, actor="self-service")
@@ -225,21 +218,24 @@ class Registry:
         key = keys[-1]
         return Status(address, key.fingerprint, key.expires, key.revoked, waiting)
 
+    async def _validate(self, data: bytes, address: str, *, require_uid: bool) -> ValidatedKey:
+        return await asyncio.to_thread(
+            validate_key,
+            data,
+            address=address,
+            require_uid=require_uid,
+            min_valid_days=self.policy.min_valid_days,
+            max_bytes=self.policy.max_key_bytes,
+            gpg_binary=self.policy.gpg_binary,
+        )
+
     # -- administrator ---------------------------------------------------------------------
     async def admin_bind(self, address: str, data: bytes) -> Outcome:
         """Bind without a challenge: the provider has verified the owner some other way."""
         address = normalise_address(address)
         self._check_size(data)
         try:
-            validated = await asyncio.to_thread(
-                validate_key,
-                data,
-                address=address,
-                require_uid=False,
-                min_valid_days=self.policy.min_valid_days,
-                max_bytes=self.policy.max_key_bytes,
-                gpg_binary=self.policy.gpg_binary,
-            )
+            validated = await self._validate(data, address, require_uid=False)
         except KeyRejected as error:
             raise Refused("key-rejected", str(error)) from None
         key = validated.key

@@ -9,7 +9,7 @@ from gpgfilter.config import KeystoreConfig
 from keystore.open import open_store
 from keystore.store import KeyStore
 from tests.openpgp_tools import KeyFactory, TestKey
-from tests.postgres_server import PostgresServer, require_postgres
+from tests.postgres_server import PostgresServer, require_postgres, running_postgres
 
 
 @pytest.fixture(scope="session")
@@ -39,12 +39,8 @@ def data_dir(tmp_path: Path) -> Path:
 def postgres_server() -> Iterator[PostgresServer]:
     """One PostgreSQL server for the whole session; every test gets its own database."""
     require_postgres()
-    server = PostgresServer()
-    try:
-        server.start()
+    with running_postgres() as server:
         yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import pwd
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -147,3 +148,14 @@ def require_postgres() -> None:
     if os.environ.get("CI"):
         pytest.fail(f"{reason} (CI is set, so this is an error, not a skip)", pytrace=False)
     pytest.skip(reason)
+
+
+@contextlib.contextmanager
+def running_postgres() -> Iterator[PostgresServer]:
+    """A started server, stopped when the block ends (the tests' fixtures use this)."""
+    server = PostgresServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()

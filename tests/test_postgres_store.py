@@ -14,7 +14,7 @@ from keystore.postgres import _MIGRATIONS, SCHEMA_VERSION, PostgresKeyStore
 from keystore.store import StoreError
 from keystore.validate import validate_key
 from tests.openpgp_tools import TestKey
-from tests.postgres_server import PostgresServer, require_postgres
+from tests.postgres_server import PostgresServer, require_postgres, running_postgres
 
 
 @pytest.fixture
@@ -31,12 +31,8 @@ def hosts(postgres_dsn: str) -> Iterator[tuple[PostgresKeyStore, PostgresKeyStor
 def own_server() -> Iterator[PostgresServer]:
     """A server of this test's own, which it may stop without disturbing the others."""
     require_postgres()
-    server = PostgresServer()
-    try:
-        server.start()
+    with running_postgres() as server:
         yield server
-    finally:
-        server.close()
 
 
 def _sql(dsn: str, statement: str) -> list[tuple[object, ...]]:

@@ -18,7 +18,7 @@ from gpgfilter.engine import EngineError
 from gpgfilter.service import run
 from keystore.open import open_store
 from keystore.store import KeyStore, StoreError
-from keystore.validate import KeyRejected, KeyRevoked, validate_key
+from keystore.validate import KeyRejected, KeyRevoked, merge_key, validate_key
 
 
 def setup_logging(level: str) -> None:
@@ -176,13 +176,23 @@ def import_keys(
             failed += 1
             continue
         try:
+            key = validated.key
+            stored = store.key(key.fingerprint)
+            if stored is not None:
+                # An update of a registered key is merged: a stored key only moves forward.
+                if stored.revoked:
+                    click.echo(f"{path}: {key.fingerprint} is revoked: unchanged, mail stays held")
+                    continue
+                key = merge_key(stored, data, address=address, gpg_binary=config.gpg.binary).key
             for address_bound in validated.addresses:
-                store.bind(address_bound, validated.key, replace=not add)
+                store.bind(address_bound, key, replace=not add)
+        except KeyRejected as error:
+            click.echo(f"{path}: refused: {error}", err=True)
+            failed += 1
+            continue
         except StoreError as error:
             raise click.ClickException(str(error)) from None
-        click.echo(
-            f"{path}: {validated.key.fingerprint} registered for {', '.join(validated.addresses)}"
-        )
+        click.echo(f"{path}: {key.fingerprint} registered for {', '.join(validated.addresses)}")
     store.close()
     if failed:
         sys.exit(1)
@@ -215,13 +225,31 @@ def list_keys(ctx: click.Context) -> None:
 @keys.command("remove")
 @config_option
 @click.argument("target")
+@click.option(
+    "--revoked-too",
+    is_flag=True,
+    help="Also remove a revoked key (mail for its addresses is then no longer held).",
+)
 @click.pass_context
-def remove_key(ctx: click.Context, target: str) -> None:
+def remove_key(ctx: click.Context, target: str, revoked_too: bool) -> None:
     """Remove an address's keys, or a key (by fingerprint) from every address."""
     config = _load(ctx)
     store = _store(config, create=False)
+    wanted = target.replace(" ", "")
     try:
-        removed = store.remove(target.replace(" ", ""))
+        revoked = [
+            b
+            for b in store.bindings()
+            if b.key.revoked
+            and (b.address == wanted.lower() or b.key.fingerprint == wanted.upper())
+        ]
+        if revoked and not revoked_too:
+            raise click.ClickException(
+                f"{revoked[0].key.fingerprint} is revoked and keeps mail for"
+                f" {revoked[0].address} held; register a new key instead, or remove it"
+                " with --revoked-too"
+            )
+        removed = store.remove(wanted)
     except StoreError as error:
         raise click.ClickException(str(error)) from None
     store.close()

@@ -183,6 +183,9 @@ class Config:
     deliver: Endpoint | None = None
     data_dir: Path = field(default_factory=default_data_dir)
     hostname: str = field(default_factory=socket.getfqdn)
+    # The mail domains this server delivers mail for: the key service registers keys for
+    # their addresses only. Default: publication.domains. Required by ``gpgfilter keyserver``.
+    domains: tuple[str, ...] = ()
     recipient_delimiter: str = "+"
     max_message_size: int = 64 * 1024 * 1024
     # Seconds for a whole downstream transaction.
@@ -194,6 +197,21 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     publication: PublicationConfig = field(default_factory=PublicationConfig)
     keyserver: KeyserverConfig = field(default_factory=KeyserverConfig)
+
+    @property
+    def served_domains(self) -> tuple[str, ...]:
+        """The mail domains keys are registered for: ``domains``, else those published."""
+        return self.domains or self.publication.domains
+
+    def require_served_domains(self) -> tuple[str, ...]:
+        """``served_domains`` for the key service, which must never mail a challenge out of
+        them; a ConfigError naming the key when none is configured."""
+        if not self.served_domains:
+            raise ConfigError(
+                "domains: required by the key service: list the mail domains this server"
+                " delivers mail for (e.g. domains: [example.org])"
+            )
+        return self.served_domains
 
     @property
     def deliver_to(self) -> Endpoint:
@@ -372,14 +390,25 @@ def _check(config: Any, prefix: str) -> None:
             raise ConfigError("recipient_delimiter: must not be blank")
         if "@" in config.recipient_delimiter:
             raise ConfigError("recipient_delimiter: must not contain @")
+        _check_domains(config.domains, "domains")
+        outside = [
+            d for d in config.publication.domains if config.domains and d not in config.domains
+        ]
+        if outside:
+            raise ConfigError(
+                f"publication.domains: {outside[0]} is not one of domains"
+                f" ({', '.join(config.domains)}): only served domains can be published"
+            )
+
+
+def _check_domains(domains: tuple[str, ...], key: str) -> None:
+    for domain in domains:
+        if domain != domain.strip().lower() or "." not in domain or "@" in domain or "/" in domain:
+            raise ConfigError(f"{key}: {domain!r} is not a lower-case domain name like example.org")
 
 
 def _check_publication(config: PublicationConfig, prefix: str) -> None:
-    for domain in config.domains:
-        if domain != domain.strip().lower() or "." not in domain or "@" in domain or "/" in domain:
-            raise ConfigError(
-                f"{prefix}domains: {domain!r} is not a lower-case domain name like example.org"
-            )
+    _check_domains(config.domains, f"{prefix}domains")
     if config.submission_address:
         local, at, domain = config.submission_address.strip().lower().rpartition("@")
         if not at or not local or domain not in config.domains:

@@ -196,6 +196,15 @@ class PostgresKeyStore:
         )
         return [_row_to_key(row) for row in rows]
 
+    def key(self, fingerprint: str) -> StoredKey | None:
+        rows = self._read(
+            "lookup",
+            "SELECT fingerprint, key_data, expires, encryption_keys, user_ids, revoked FROM keys"
+            " WHERE fingerprint = %s",
+            (fingerprint.upper(),),
+        )
+        return _row_to_key(rows[0]) if rows else None
+
     def bindings(self) -> list[Binding]:
         rows = self._read(
             "listing",
@@ -220,6 +229,8 @@ class PostgresKeyStore:
                 " user_ids = excluded.user_ids, updated = excluded.updated",
                 (*_key_columns(key), now),
             )
+            # A change landed: tokens issued against the former state are void.
+            conn.execute("DELETE FROM pending WHERE address = %s", (address,))
             if replace:
                 conn.execute(
                     "DELETE FROM bindings WHERE address = %s AND fingerprint <> %s",
@@ -241,6 +252,11 @@ class PostgresKeyStore:
                 "UPDATE keys SET revoked = true, updated = %s WHERE fingerprint = %s",
                 (int(time.time()), fingerprint),
             )
+            conn.execute(
+                "DELETE FROM pending WHERE address IN"
+                " (SELECT address FROM bindings WHERE fingerprint = %s)",
+                (fingerprint,),
+            )
             row = conn.execute(
                 "SELECT count(*) FROM bindings WHERE fingerprint = %s", (fingerprint,)
             ).fetchone()
@@ -251,6 +267,11 @@ class PostgresKeyStore:
     def remove(self, address_or_fingerprint: str) -> int:
         def work(conn: _Conn) -> int:
             _lock_registry(conn)
+            conn.execute(
+                "DELETE FROM pending WHERE address IN (SELECT address FROM bindings"
+                " WHERE address = %s OR fingerprint = %s)",
+                (address_or_fingerprint.lower(), address_or_fingerprint.upper()),
+            )
             cursor = conn.execute(
                 "DELETE FROM bindings WHERE address = %s OR fingerprint = %s",
                 (address_or_fingerprint.lower(), address_or_fingerprint.upper()),

@@ -3,9 +3,13 @@
 Only the owner of an address may bind a key to it (traps.md, 21-22): an upload stays pending
 until its owner returns the token that was mailed, encrypted to the uploaded key, to that
 address; the current key stays active until then. Two changes need no challenge because they
-prove themselves: a renewed copy of the active key (same primary key, signed by it) and a
-revocation of the active key. Every change is audited and announced to the address in clear
-text, so an owner learns of a change they did not make (traps.md, 24).
+prove themselves: an update of the active key, merged with the stored copy so that only what
+the key itself signed is added and nothing moves back (``keystore.validate.merge_key``), and a
+revocation of the active key. A token is good only for the state it was issued against: any
+change for the address voids the others (the store drops them with the change). A revoked key
+stays bound until another key replaces it, so mail stays held. Only addresses of the served
+mail domains are accepted, and never a sub-address. Every change is audited and announced to
+the address in clear text, so an owner learns of a change they did not make (traps.md, 24).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -26,9 +30,11 @@ from keystore.store import KeyStore
 from keystore.validate import (
     KeyRejected,
     KeyRevoked,
+    MergedKey,
     ValidatedKey,
     check_revocation,
     looks_like_revocation,
+    merge_key,
     validate_key,
 )
 
@@ -111,6 +117,31 @@ def normalise_address(address: str) -> str:
     return cleaned
 
 
+def served_address(address: str, domains: frozenset[str], delimiters: str) -> str:
+    """``address`` normalised, when it is a base address of a mail domain served here.
+
+    Keys are registered for what the filter looks up: a sub-address (``alice+news@``) is
+    mapped to its base address there, so a key for it would never be used; and a challenge is
+    only ever mailed into a domain this server delivers for.
+    """
+    cleaned = normalise_address(address)
+    local, _, domain = cleaned.rpartition("@")
+    if domain not in domains:
+        raise Refused("foreign-domain", f"this service registers keys for {_listed(domains)} only")
+    cut = next((i for i, char in enumerate(local) if char in delimiters and i > 0), None)
+    if cut is not None:
+        base = f"{local[:cut]}@{domain}"
+        raise Refused(
+            "sub-address",
+            f"register the key for {base}: mail to {cleaned} is encrypted to the key of {base}",
+        )
+    return cleaned
+
+
+def _listed(domains: frozenset[str]) -> str:
+    return ", ".join(sorted(domains)) or "no domain"
+
+
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode("ascii")).hexdigest()
 
@@ -123,20 +154,33 @@ class Registry:
         policy: Policy,
         limiter: RateLimiter | None = None,
         clock: Callable[[], float] = time.time,
+        *,
+        domains: Iterable[str],
+        delimiters: str = "+",
     ) -> None:
         self.store = store
         self.mailer = mailer
         self.policy = policy
         self.limiter = limiter
         self.clock = clock
+        self.domains = frozenset(d.lower() for d in domains)
+        self.delimiters = delimiters
+        # Merge and store one update at a time: two merges from the same stored copy would
+        # otherwise each drop what the other added.
+        self._updating = asyncio.Lock()
+
+    def _address(self, address: str) -> str:
+        return served_address(address, self.domains, self.delimiters)
 
     # -- self-service ------------------------------------------------------------------------
     async def upload(self, address: str, data: bytes) -> Outcome:
-        """A key (new, replacement or renewal) or a revocation uploaded for ``address``."""
-        address = normalise_address(address)
+        """A key (new, replacement or update) or a revocation uploaded for ``address``.
+
+        Only a new key costs a challenge mail, so only that counts toward the address's rate
+        limit: a stranger's refused uploads never lock the owner out of updating or revoking.
+        """
+        address = self._address(address)
         self._check_size(data)
-        if self.limiter is not None:
-            await self.limiter.address(address)
         if await asyncio.to_thread(looks_like_revocation, data):
             return await self._revoke(address, data, actor="self-service")
         try:
@@ -152,7 +196,10 @@ class Registry:
         active = await self._keys(address)
         same = next((k for k in active if k.fingerprint == key.fingerprint), None)
         if same is not None:
-            return await self._renew(address, key, same, actor="self-service")
+            return await self._update(address, data, same, actor="self-service")
+        await self._refuse_revoked(key.fingerprint)
+        if self.limiter is not None:
+            await self.limiter.address(address)
         token = secrets.token_urlsafe(TOKEN_BYTES)
         now = int(self.clock())
         pending = PendingChange(
@@ -163,14 +210,18 @@ class Registry:
         return Outcome("pending", address, key.fingerprint, pending.expires)
 
     async def request_withdrawal(self, address: str) -> Outcome:
-        """Mail a withdrawal token encrypted to the active key: only its holder can unbind it."""
-        address = normalise_address(address)
-        if self.limiter is not None:
-            await self.limiter.address(address)
+        """Mail a withdrawal token encrypted to the active key: only its holder can unbind it.
+        A revoked key cannot be withdrawn: it keeps mail held until a new key is registered."""
+        address = self._address(address)
         now = int(self.clock())
-        usable = [k for k in await self._keys(address) if k.usable_encryption_keys(now)]
+        keys = await self._keys(address)
+        if any(k.revoked for k in keys):
+            raise _revoked_stays()
+        usable = [k for k in keys if k.usable_encryption_keys(now)]
         if not usable:
             raise Refused("nothing-registered", "no usable key is registered for this address")
+        if self.limiter is not None:
+            await self.limiter.address(address)
         key = usable[0]
         token = secrets.token_urlsafe(TOKEN_BYTES)
         pending = PendingChange(
@@ -192,23 +243,32 @@ class Registry:
                 "this code is unknown, was already used or has expired: start again",
             )
         address, key = pending.address, pending.key
-        active = await self._keys(address)
-        if pending.origin == ORIGIN_WITHDRAW:
-            if not any(k.fingerprint == key.fingerprint for k in active):
-                raise Refused("stale", "the key this withdrawal was for is no longer registered")
-            await asyncio.to_thread(self.store.remove, address)
-            await self._changed("withdrawn", address, key, "self-service")
-            return Outcome("withdrawn", address, key.fingerprint, key.expires)
-        action = (
-            "replaced" if any(k.fingerprint != key.fingerprint for k in active) else "registered"
-        )
-        await asyncio.to_thread(self.store.bind, address, key, replace=True)
+        async with self._updating:
+            active = await self._keys(address)
+            if pending.origin == ORIGIN_WITHDRAW:
+                # Any change since the token was mailed voided it; this guards the rest.
+                if not any(k.fingerprint == key.fingerprint for k in active):
+                    raise Refused(
+                        "stale", "the key this withdrawal was for is no longer registered"
+                    )
+                if any(k.revoked for k in active):
+                    raise _revoked_stays()
+                await asyncio.to_thread(self.store.remove, address)
+                await self._changed("withdrawn", address, key, "self-service")
+                return Outcome("withdrawn", address, key.fingerprint, key.expires)
+            key = await self._forward(key)
+            action = (
+                "replaced"
+                if any(k.fingerprint != key.fingerprint for k in active)
+                else "registered"
+            )
+            await asyncio.to_thread(self.store.bind, address, key, replace=True)
         await self._changed(action, address, key, "self-service")
         return Outcome(action, address, key.fingerprint, key.expires)
 
     async def status(self, address: str) -> Status:
         """What a public WKD lookup would tell, plus whether an upload waits for confirmation."""
-        address = normalise_address(address)
+        address = self._address(address)
         now = int(self.clock())
         keys = await self._keys(address)
         pending = await asyncio.to_thread(self.store.pending_for, address, now)
@@ -231,30 +291,43 @@ class Registry:
 
     # -- administrator ---------------------------------------------------------------------
     async def admin_bind(self, address: str, data: bytes) -> Outcome:
-        """Bind without a challenge: the provider has verified the owner some other way."""
-        address = normalise_address(address)
+        """Bind without a challenge: the provider has verified the owner some other way. A key
+        already stored is merged, never rolled back, and a revoked one is never bound again."""
+        address = self._address(address)
         self._check_size(data)
         try:
             validated = await self._validate(data, address, require_uid=False)
         except KeyRejected as error:
             raise Refused("key-rejected", str(error)) from None
         key = validated.key
-        active = await self._keys(address)
-        if any(k.fingerprint == key.fingerprint for k in active):
-            action = "renewed"
-        elif active:
-            action = "replaced"
-        else:
-            action = "registered"
-        await asyncio.to_thread(self.store.bind, address, key, replace=True)
+        async with self._updating:
+            active = await self._keys(address)
+            stored = await asyncio.to_thread(self.store.key, key.fingerprint)
+            if stored is not None:
+                if stored.revoked:
+                    raise Refused("key-revoked", "this key was revoked: register a new key")
+                merged = await self._merge(stored, data, address, require_uid=False)
+                if not merged.changed and any(k.fingerprint == key.fingerprint for k in active):
+                    return Outcome("unchanged", address, key.fingerprint, stored.expires)
+                key = merged.key
+            if any(k.fingerprint == key.fingerprint for k in active):
+                action = "renewed"
+            elif active:
+                action = "replaced"
+            else:
+                action = "registered"
+            await asyncio.to_thread(self.store.bind, address, key, replace=True)
         await self._changed(action, address, key, "admin-api")
         return Outcome(action, address, key.fingerprint, key.expires)
 
     async def admin_withdraw(self, address: str) -> Outcome:
+        """Unbind an address's keys; a revoked key stays (it keeps mail held): bind another."""
         address = normalise_address(address)
         active = await self._keys(address)
         if not active:
             raise Refused("nothing-registered", "no key is registered for this address")
+        if any(k.revoked for k in active):
+            raise _revoked_stays()
         await asyncio.to_thread(self.store.remove, address)
         for key in active:
             await self._changed("withdrawn", address, key, "admin-api")
@@ -309,17 +382,64 @@ class Registry:
                 "mail-failed", "the confirmation mail could not be sent: try later"
             ) from None
 
-    async def _renew(
-        self, address: str, key: StoredKey, current: StoredKey, *, actor: str
+    async def _update(
+        self, address: str, data: bytes, current: StoredKey, *, actor: str
     ) -> Outcome:
-        """The owner's own signature vouches for a renewed copy: no challenge needed."""
+        """An update of the active key needs no challenge: it is merged with the stored copy,
+        so only what the key itself signed is added, and nothing moves back."""
         if current.revoked:
             raise Refused("key-revoked", "this key was revoked: register a new key")
-        if key.key_data == current.key_data:
-            return Outcome("unchanged", address, key.fingerprint, key.expires)
-        await asyncio.to_thread(self.store.bind, address, key, replace=False)
+        async with self._updating:
+            stored = await asyncio.to_thread(self.store.key, current.fingerprint) or current
+            try:
+                merged = await self._merge(stored, data, address, require_uid=True)
+            except KeyRevoked:
+                return await self._revoke(address, data, actor=actor)
+            if not merged.changed:
+                return Outcome("unchanged", address, stored.fingerprint, stored.expires)
+            key = merged.key
+            await asyncio.to_thread(self.store.bind, address, key, replace=False)
         await self._changed("renewed", address, key, actor)
         return Outcome("renewed", address, key.fingerprint, key.expires)
+
+    async def _merge(
+        self, stored: StoredKey, data: bytes, address: str, *, require_uid: bool
+    ) -> MergedKey:
+        try:
+            return await asyncio.to_thread(
+                merge_key,
+                stored,
+                data,
+                address=address,
+                require_uid=require_uid,
+                min_valid_days=self.policy.min_valid_days,
+                max_bytes=self.policy.max_key_bytes,
+                gpg_binary=self.policy.gpg_binary,
+            )
+        except KeyRevoked:
+            raise
+        except KeyRejected as error:
+            log.info("update for %s refused: %s", address, error)
+            raise Refused("key-rejected", str(error)) from None
+
+    async def _forward(self, key: StoredKey) -> StoredKey:
+        """``key`` merged with the stored copy of the same key, if there is one (it may be
+        bound to another address): a confirmation never rolls a stored key back."""
+        stored = await asyncio.to_thread(self.store.key, key.fingerprint)
+        if stored is None:
+            return key
+        if stored.revoked:
+            raise Refused("key-revoked", "this key was revoked: register a new key")
+        try:
+            merged = await self._merge(stored, key.key_data, "", require_uid=False)
+        except KeyRevoked:
+            raise Refused("key-revoked", "this key was revoked: register a new key") from None
+        return merged.key
+
+    async def _refuse_revoked(self, fingerprint: str) -> None:
+        stored = await asyncio.to_thread(self.store.key, fingerprint)
+        if stored is not None and stored.revoked:
+            raise Refused("key-revoked", "this key was revoked: register a new key")
 
     async def _revoke(self, address: str, data: bytes, *, actor: str) -> Outcome:
         """A revocation signed by the active key takes effect at once: its holder said so."""
@@ -354,6 +474,14 @@ class Registry:
             log.warning("notice (%s) to %s failed: %s", notice.action, notice.address, error)
             return False
         return True
+
+
+def _revoked_stays() -> Refused:
+    return Refused(
+        "revoked-key-stays",
+        "the key registered for this address is revoked and stays registered, so that mail"
+        " for it is held rather than stored in clear: register a new key instead",
+    )
 
 
 def last_usable_moment(key: StoredKey) -> int | None:

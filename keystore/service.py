@@ -66,7 +66,14 @@ def build(config: Config, store: KeyStore) -> tuple[web.Application, Registry, M
         expiry_notice_days=ks.expiry_notice_days,
         gpg_binary=config.gpg.binary,
     )
-    registry = Registry(store, mailer, policy, limiter)
+    registry = Registry(
+        store,
+        mailer,
+        policy,
+        limiter,
+        domains=config.served_domains,
+        delimiters=config.recipient_delimiter,
+    )
     settings = Settings(
         max_key_bytes=ks.max_key_bytes,
         admin_token=admin_token(config),
@@ -132,6 +139,7 @@ def add_publication(config: Config, store: KeyStore, app: web.Application) -> No
 
 
 def run(config: Config) -> None:
+    config.require_served_domains()  # before anything is opened or made
     store = open_store(config)
     app, _, _ = build(config, store)
     add_publication(config, store, app)

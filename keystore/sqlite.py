@@ -148,6 +148,14 @@ class SQLiteKeyStore:
                 raise StoreError(f"key store lookup failed: {error}") from error
         return [_row_to_key(row) for row in rows]
 
+    def key(self, fingerprint: str) -> StoredKey | None:
+        rows = self._read(
+            "SELECT fingerprint, key_data, expires, encryption_keys, user_ids, revoked FROM keys"
+            " WHERE fingerprint = ?",
+            (fingerprint.upper(),),
+        )
+        return _row_to_key(rows[0]) if rows else None
+
     def bindings(self) -> list[Binding]:
         with self._lock:
             try:
@@ -179,6 +187,8 @@ class SQLiteKeyStore:
                         " user_ids = excluded.user_ids, updated = excluded.updated",
                         (*_key_columns(key), now),
                     )
+                    # A change landed: tokens issued against the former state are void.
+                    conn.execute("DELETE FROM pending WHERE address = ?", (address,))
                     if replace:
                         conn.execute(
                             "DELETE FROM bindings WHERE address = ? AND fingerprint != ?",
@@ -202,6 +212,11 @@ class SQLiteKeyStore:
                         "UPDATE keys SET revoked = 1, updated = ? WHERE fingerprint = ?",
                         (int(time.time()), fingerprint),
                     )
+                    conn.execute(
+                        "DELETE FROM pending WHERE address IN"
+                        " (SELECT address FROM bindings WHERE fingerprint = ?)",
+                        (fingerprint,),
+                    )
                     row = conn.execute(
                         "SELECT count(*) FROM bindings WHERE fingerprint = ?", (fingerprint,)
                     ).fetchone()
@@ -214,6 +229,11 @@ class SQLiteKeyStore:
             conn = self._connection()
             try:
                 with conn:
+                    conn.execute(
+                        "DELETE FROM pending WHERE address IN (SELECT address FROM bindings"
+                        " WHERE address = ? OR fingerprint = ?)",
+                        (address_or_fingerprint.lower(), address_or_fingerprint.upper()),
+                    )
                     cursor = conn.execute(
                         "DELETE FROM bindings WHERE address = ? OR fingerprint = ?",
                         (address_or_fingerprint.lower(), address_or_fingerprint.upper()),

@@ -17,17 +17,26 @@ class KeyStore(Protocol):
         """The keys bound to a canonical address; empty when the address is not enrolled."""
         ...
 
+    def key(self, fingerprint: str) -> StoredKey | None:
+        """The stored copy of a key, whatever address it is bound to; None when unknown. An
+        update of a known key is merged with this copy (``keystore.validate.merge_key``)."""
+        ...
+
     def bind(self, address: str, key: StoredKey, *, replace: bool = True) -> None:
-        """Bind ``key`` to ``address``; ``replace`` drops the address's other keys atomically."""
+        """Bind ``key`` to ``address``; ``replace`` drops the address's other keys atomically.
+        The key's stored copy is overwritten: callers merge first. Every pending change of the
+        address is dropped in the same transaction: its token was issued for a former state."""
         ...
 
     def remove(self, address_or_fingerprint: str) -> int:
-        """Remove an address's bindings or every binding of a fingerprint; returns how many."""
+        """Remove an address's bindings or every binding of a fingerprint, and the pending
+        changes of the addresses concerned; returns how many bindings."""
         ...
 
     def revoke(self, fingerprint: str) -> int:
-        """Mark a registered key revoked (it stays bound, so mail is held, not sent in clear);
-        returns how many addresses it is bound to."""
+        """Mark a registered key revoked (it stays bound, so mail is held, not sent in clear)
+        and drop the pending changes of its addresses; returns how many addresses it is bound
+        to."""
         ...
 
     def bindings(self) -> list[Binding]: ...

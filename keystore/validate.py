@@ -7,8 +7,10 @@ The order matters for hostile input: the size cap comes before any parsing; then
 framing cuts third-party certifications and photo IDs out (keystore.sanitize) so that no flood
 reaches a slower parser; then gpg is the judge of validity (self-signatures, expiry,
 revocation; PGPy checks none of them). What we store is gpg's own minimal export of the key —
-primary key, valid subkeys, the user IDs of the bound address(es) with their newest
-self-signatures — so floods and stale subkeys never reach the mail path.
+primary key, its subkeys, the user IDs of the bound address(es) with their newest
+self-signatures — so floods never reach the mail path. Revoked and expired subkeys stay in it,
+with the signature that ended them: that memory is what lets ``merge_key`` refuse an old copy
+that would bring them back (the filter encrypts only to ``encryption_keys``, never to them).
 """
 
 from __future__ import annotations
@@ -59,6 +61,15 @@ class ValidatedKey:
     addresses: tuple[str, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class MergedKey:
+    """The stored key after an update: ``changed`` is False when the update added nothing
+    (then ``key`` is the stored copy itself)."""
+
+    key: StoredKey
+    changed: bool
+
+
 def validate_key(
     data: bytes,
     *,
@@ -102,6 +113,7 @@ def validate_key(
             if not keep:
                 raise KeyRejected("the key has no user ID with an e-mail address; name one")
         minimal = first.export_minimal(stripped.fingerprint, keep)
+        # The minimal copy is read back in a home of its own: what is stored is what counts.
         second = _Homedir(Path(tmp) / "out", gpg_binary)
         second.gpg.import_keys(minimal)
         final = second.gpg.list_keys()
@@ -117,6 +129,82 @@ def validate_key(
             stripped.dropped_attributes,
         )
     return ValidatedKey(key, (wanted,) if wanted else tuple(keep))
+
+
+def merge_key(
+    current: StoredKey,
+    data: bytes,
+    *,
+    address: str | None = None,
+    require_uid: bool = False,
+    min_valid_days: int = 0,
+    max_bytes: int = MAX_KEY_BYTES,
+    gpg_binary: str = "gpg",
+    now: float | None = None,
+) -> MergedKey:
+    """What gpg holds after importing ``data`` on top of the stored copy of the same key.
+
+    A stored key only moves forward: gpg keeps every revocation and prefers the newest
+    self-signature, so an old copy cannot undo a revocation, a subkey's end or a new expiry.
+    Only signatures the key itself made are imported (``self-sigs-only``), so whatever changes
+    was made by the key's holder. One more rule covers copies stored before revoked subkeys were
+    kept: a subkey the stored copy does not know must be newer than every subkey it does know
+    (a holder adds new subkeys; an old copy brings back old ones). ``changed`` is False when
+    nothing moved; KeyRevoked when the merged key is revoked; KeyRejected when the update is
+    another key or would leave a key that cannot be used (same checks as ``validate_key``).
+    """
+    moment = time.time() if now is None else now
+    stripped = _strip(_read_upload(data, max_bytes))
+    if stripped.fingerprint != current.fingerprint:
+        raise KeyRejected(
+            f"this is another key ({stripped.fingerprint}), not {current.fingerprint}"
+        )
+    wanted = address.strip().lower() if address else None
+    with tempfile.TemporaryDirectory(prefix="gpgfilter-merge-") as tmp:
+        home = _Homedir(Path(tmp) / "merge", gpg_binary)
+        home.gpg.import_keys(current.key_data)
+        before = home.gpg.list_keys()
+        if len(before) != 1 or before[0].get("fingerprint") != current.fingerprint:
+            raise KeyRejected("gpg could not read the stored copy of the key")
+        baseline = home.export_minimal(current.fingerprint, _keep(before, wanted, require_uid))
+        home.gpg.import_keys(
+            stripped.data, extra_args=["--import-options", "import-clean,self-sigs-only"]
+        )
+        after = home.gpg.list_keys()
+        minimal = home.export_minimal(current.fingerprint, _keep(after, wanted, require_uid))
+        if minimal == baseline or _brings_back_old_subkeys(before[0], after[0]):
+            return MergedKey(current, changed=False)
+        second = _Homedir(Path(tmp) / "out", gpg_binary)
+        second.gpg.import_keys(minimal)
+        final = second.gpg.list_keys()
+    if len(final) != 1:
+        raise KeyRejected("gpg could not re-read the merged key")
+    key = _stored_key(final[0], minimal, moment)
+    _check_lifetime(key, moment, min_valid_days)
+    return MergedKey(key, changed=True)
+
+
+def _keep(listing: Any, wanted: str | None, require_uid: bool) -> list[str]:
+    """The user IDs to keep in the minimal export, by the rules of ``validate_key``."""
+    addresses = _uid_addresses(listing[0], listing.uid_map)
+    if wanted and wanted in addresses:
+        return [wanted]
+    if wanted and require_uid:
+        raise KeyRejected(f"the key has no user ID for {wanted}")
+    return [] if wanted else addresses
+
+
+def _brings_back_old_subkeys(before: dict[str, Any], after: dict[str, Any]) -> bool:
+    """True when the merge added a subkey created before the newest subkey already stored."""
+    known = {sub[2] for sub in before.get("subkeys", [])}
+    newest = max(
+        (int(sub.get("date") or 0) for sub in before.get("subkey_info", {}).values()), default=0
+    )
+    info = after.get("subkey_info", {})
+    return any(
+        fingerprint not in known and int(info.get(keyid, {}).get("date") or 0) <= newest
+        for keyid, _type, fingerprint, _grip in after.get("subkeys", [])
+    )
 
 
 def looks_like_revocation(data: bytes) -> bool:
@@ -323,9 +411,6 @@ class _Homedir:
             *GPG_OPTIONS,
             "--export-options",
             "export-minimal,export-clean",
-            # gpg 2.2 has this filter for export only, hence the second home.
-            "--export-filter",
-            "drop-subkey=expired -t || revoked -t",
         ]
         if addresses:
             command += [

@@ -39,7 +39,7 @@ from gpgfilter.pgpmime import assemble, new_boundary
 from gpgfilter.rawmessage import split
 from keystore.model import AuditEntry, PendingChange, StoredKey
 from keystore.store import KeyStore
-from keystore.validate import KeyRejected, KeyRevoked, validate_key
+from keystore.validate import KeyRejected, KeyRevoked, merge_key, validate_key
 from keystore.wkd import publishable, zbase32
 
 log = logging.getLogger(__name__)
@@ -272,6 +272,7 @@ class WksServer:
         gpg_binary: str = "gpg",
         max_requests_per_hour: int = 5,
         clock: Callable[[], float] = time.time,
+        recipient_delimiter: str = "+",
     ) -> None:
         self.store = store
         self.key = service_key
@@ -281,6 +282,7 @@ class WksServer:
         self.gpg_binary = gpg_binary
         self.max_requests_per_hour = max_requests_per_hour
         self.clock = clock
+        self.delimiters = recipient_delimiter
 
     # -- entry points -------------------------------------------------------------------------
     async def process(self, raw: bytes, send: Send) -> None:
@@ -328,6 +330,9 @@ class WksServer:
             raise WksRejected("the From address of the submission is missing or malformed")
         if domain not in self.domains or sender == self.address:
             raise WksRejected(f"keys for {domain} are not published here")
+        if any(char in self.delimiters for char in local[1:]):
+            # The filter maps a sub-address to its base address: a key for it is never used.
+            raise WksRejected("keys are registered for base addresses only, not sub-addresses")
         try:
             validated = validate_key(key_data, address=sender, gpg_binary=self.gpg_binary)
         except KeyRevoked:
@@ -456,6 +461,15 @@ class WksServer:
         if not publishable(key, now):
             raise WksRejected("the key can no longer encrypt: submit a renewed key")
         before = {k.fingerprint for k in self.store.keys_for(address)}
+        stored = self.store.key(key.fingerprint)
+        if stored is not None:
+            # A key only moves forward: the confirmed copy is merged with the stored one.
+            if stored.revoked:
+                raise WksRejected("this key was revoked: submit a new key")
+            try:
+                key = merge_key(stored, key.key_data, gpg_binary=self.gpg_binary).key
+            except KeyRejected as error:
+                raise WksRejected(f"the key is refused: {error}") from None
         self.store.bind(address, key, replace=True)
         action = "registered" if not before else "replaced"
         if before == {key.fingerprint}:

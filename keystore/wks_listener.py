@@ -115,6 +115,7 @@ def wks_from_config(config: Config, store: KeyStore) -> tuple[WksServer, MailCli
         domains=publication.domains,
         token_ttl=publication.token_ttl,
         gpg_binary=config.gpg.binary,
+        recipient_delimiter=config.recipient_delimiter,
     )
     client = MailClient(
         publication.wks_relay, lmtp=False, helo=config.hostname, timeout=config.delivery_timeout

@@ -40,6 +40,7 @@ def keyserver_config(tmp_path: Path, relay_port: int, **overrides: Any) -> Confi
     values: dict[str, Any] = {
         "data_dir": str(tmp_path / "data"),
         "hostname": "mx.example.test",
+        "domains": ["example.test"],
         "keyserver.relay": f"127.0.0.1:{relay_port}",
         "keyserver.public_url": PUBLIC_URL,
         "keyserver.admin_token_file": str(token_file),

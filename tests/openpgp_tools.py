@@ -364,6 +364,28 @@ class KeyFactory:
         _gpg(key.home, "--import", input=old)
         return self._finish(key.home, key.address, key.fingerprint)
 
+    def add_encryption_subkey(self, key: TestKey) -> TestKey:
+        """A new encryption subkey on ``key`` (made now). Changes ``key``'s home: use a key of
+        your own; the old ``TestKey`` keeps the copy from before."""
+        _, sub = _ALGOS["ed25519"]
+        self._add_subkey(key.home, key.fingerprint, sub)
+        return self._finish(key.home, key.address, key.fingerprint)
+
+    def revoke_subkey(self, key: TestKey, subkey: str) -> TestKey:
+        """``key`` with the subkey ``subkey`` revoked (reason: compromised). Changes ``key``'s
+        home, like ``add_encryption_subkey``."""
+        script = f"key {subkey}\nrevkey\ny\n1\n\ny\nsave\n".encode()
+        _gpg(key.home, "--command-fd", "0", "--edit-key", key.fingerprint, input=script)
+        return self._finish(key.home, key.address, key.fingerprint)
+
+    def set_expiry(self, key: TestKey, expires: str) -> TestKey:
+        """``key`` with a new expiry (gpg's notation: "2y", "never") on its primary key and all
+        subkeys, made by new self-signatures; unlike ``renew``, the export carries only the new
+        ones. Changes ``key``'s home."""
+        _gpg(key.home, "--quick-set-expire", key.fingerprint, expires)
+        _gpg(key.home, "--quick-set-expire", key.fingerprint, expires, "*")
+        return self._finish(key.home, key.address, key.fingerprint)
+
     def flooded(self, key: TestKey, count: int = 1500, *, signers: int = 25) -> bytes:
         """``key``'s armored public export plus ``count`` third-party certifications of its UID.
 

@@ -520,7 +520,7 @@ async def test_notify_expiry_command_for_cron(tmp_path: Path, key_factory: KeyFa
 def test_keyserver_refuses_to_start_with_an_unreadable_admin_token(tmp_path: Path) -> None:
     config = tmp_path / "gpgfilter.yaml"
     config.write_text(
-        f"data_dir: {tmp_path / 'data'}\n"
+        f"data_dir: {tmp_path / 'data'}\ndomains: [example.test]\n"
         f"keyserver:\n  listen: 127.0.0.1:0\n  admin_token_file: {tmp_path / 'missing'}\n"
     )
     result = CliRunner().invoke(main, ["keyserver", "-c", str(config)])

@@ -26,7 +26,7 @@ def test_keyserver_serves_api_wkd_and_wks(tmp_path: Path, alice: TestKey) -> Non
     http, wks = free_port(), free_port()
     config = tmp_path / "gpgfilter.yaml"
     config.write_text(
-        f"data_dir: {tmp_path / 'data'}\nhostname: mail.example.test\n"
+        f"data_dir: {tmp_path / 'data'}\nhostname: mail.example.test\ndomains: [example.test]\n"
         f"keyserver:\n  listen: 127.0.0.1:{http}\n  expiry_check_interval: 0\n"
         f"publication:\n  domains: [example.test]\n  wks_listen: 127.0.0.1:{wks}\n"
     )

@@ -148,7 +148,7 @@ def merge_key(
     self-signature, so an old copy cannot undo a revocation, a subkey's end or a new expiry.
     Only signatures the key itself made are imported (``self-sigs-only``), so whatever changes
     was made by the key's holder. One more rule covers copies stored before revoked subkeys were
-    kept: a subkey the stored copy does not know must be newer than every subkey it does know
+    kept: a subkey the stored copy does not know must be no older than the newest subkey it knows
     (a holder adds new subkeys; an old copy brings back old ones). ``changed`` is False when
     nothing moved; KeyRevoked when the merged key is revoked; KeyRejected when the update is
     another key or would leave a key that cannot be used (same checks as ``validate_key``).
@@ -195,14 +195,15 @@ def _keep(listing: Any, wanted: str | None, require_uid: bool) -> list[str]:
 
 
 def _brings_back_old_subkeys(before: dict[str, Any], after: dict[str, Any]) -> bool:
-    """True when the merge added a subkey created before the newest subkey already stored."""
+    """True when the merge added a subkey created before the newest subkey already stored
+    (creation times have a resolution of a second: a subkey of the same second is let in)."""
     known = {sub[2] for sub in before.get("subkeys", [])}
     newest = max(
         (int(sub.get("date") or 0) for sub in before.get("subkey_info", {}).values()), default=0
     )
     info = after.get("subkey_info", {})
     return any(
-        fingerprint not in known and int(info.get(keyid, {}).get("date") or 0) <= newest
+        fingerprint not in known and int(info.get(keyid, {}).get("date") or 0) < newest
         for keyid, _type, fingerprint, _grip in after.get("subkeys", [])
     )
 

@@ -349,3 +349,25 @@ async def test_listener_answers_for_what_became_of_the_mail(
         listener.close()
         await listener.wait_closed()
     assert store.keys_for(judy.address) == []
+
+
+def test_sub_addresses_are_refused_and_a_confirmed_old_copy_rolls_nothing_back(
+    factory: KeyFactory, server: WksServer, store: SQLiteKeyStore
+) -> None:
+    tagged = factory.make(f"kim+lists@{DOMAIN}")
+    with pytest.raises(WksRejected, match="not sub-addresses"):
+        server.handle(plain_submission(tagged.address, tagged.public))
+    assert store.pending_for(tagged.address, int(server.clock())) == []
+    # The owner's old copy, submitted and confirmed after a subkey rotation, is merged.
+    kim = factory.make(f"kim@{DOMAIN}")
+    (first,) = kim.encryption_subkeys
+    old_request = server.handle(plain_submission(kim.address, kim.public))[0]
+    rotated = factory.revoke_subkey(factory.add_encryption_subkey(kim), first)
+    store.bind(kim.address, validate_key(rotated.public).key)
+    old_nonce = nonce_of(kim, old_request)
+    with pytest.raises(WksRejected, match="no pending key publication"):  # voided by the bind
+        server.handle(clear_response(kim.address, old_nonce))
+    request = server.handle(plain_submission(kim.address, kim.public))[0]
+    server.handle(clear_response(kim.address, nonce_of(kim, request)))
+    (stored,) = store.keys_for(kim.address)
+    assert stored.usable_encryption_keys() == rotated.encryption_subkeys

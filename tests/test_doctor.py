@@ -135,7 +135,10 @@ def test_expiring_and_unusable_keys_warn(stack: Stack, key_factory: KeyFactory) 
         code, statuses = doctor(stack)
         assert (code, statuses["unusable keys"], statuses["expiring keys"]) == (0, "warn", "ok")
     finally:
-        assert stack.filter.command("keys", "remove", soon.fingerprint).returncode == 0
+        assert (
+            stack.filter.command("keys", "remove", "--revoked-too", soon.fingerprint).returncode
+            == 0
+        )
 
 
 def test_postfix_not_routing_to_the_filter_fails(stack: Stack) -> None:

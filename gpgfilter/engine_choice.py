@@ -6,9 +6,10 @@ engine cannot serve costs one trial when it is first seen, never a failed attemp
 Nothing is deferred because the fast engine declined: that recipient simply goes to gpg.
 
 Messages above ``large`` bytes go to gpg too: Sequoia holds the interpreter lock for the
-whole call (a 20 MB message would stall every connection for a quarter of a second) and needs
-about four times the message in memory, where gpg streams in its own process; its start-up is
-a few per cent of the work at that size.
+whole call (a 20 MB message would stall every other connection for a quarter of a second),
+where gpg works in its own process, on another core; its start-up is a few per cent of the
+work at that size. Memory is alike either way (bench/engines.py: about four times the message
+in this process, plus gpg's own for gpg).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from gpgfilter.sequoia_engine import SequoiaEngine, Unsupported, key_id
 log = logging.getLogger(__name__)
 
 EngineName = Literal["sequoia", "gnupg"]
-LARGE = 1 << 20  # bytes; above this, gpg's streaming beats holding the message four times
+LARGE = 1 << 20  # bytes; above this, Sequoia would stall the event loop for over ~10 ms
 
 
 class AutoEngine:

@@ -11,9 +11,10 @@ shape of this module (bench/engines.py measures them):
   key advertises SEIPDv2, and has no switch to prevent it. So each key is tried once, on a few
   bytes, and the output checked with :func:`check_ciphertext`: a key it cannot serve as the
   mail clients need is refused here (:class:`Unsupported`) and served by gpg instead.
-- It holds the interpreter lock for the whole call and takes and returns whole byte strings, so
-  a large message stalls the event loop and needs about four times its size in memory. Large
-  messages are therefore left to gpg, which streams, by the caller (:mod:`engine_choice`).
+- It holds the interpreter lock for the whole call and takes and returns whole byte strings
+  (about four times the message in memory, as the gpg engine needs in this process), so a
+  large message would stall the event loop: the caller leaves those to gpg
+  (:mod:`gpgfilter.engine_choice`).
 """
 
 from __future__ import annotations

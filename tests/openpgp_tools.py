@@ -344,6 +344,17 @@ class KeyFactory:
         )
         return self._finish(home, address, fpr)
 
+    def adopt(self, address: str, secret: bytes) -> TestKey:
+        """A key made by another program (OpenPGP.js, Sequoia), given as its unprotected secret
+        key: imported into a home of its own, so the decryption helpers can use it."""
+        home = self._new_home("a")
+        proc = _gpg(home, "--import", input=secret)
+        status = proc.stderr.decode("utf-8", "replace")
+        imported = re.findall(r"^\[GNUPG:\] IMPORT_OK \d+ ([0-9A-F]{40})", status, re.M)
+        if not imported:
+            raise ToolError(["gpg", "--import"], 0, proc.stderr, "no key imported")
+        return self._finish(home, address, imported[0])
+
     def revocation_certificate(self, key: TestKey) -> bytes:
         """An armored revocation certificate for ``key`` as ``gpg --gen-revoke`` writes it
         (reason 0, no description). The key's home is left unrevoked."""

@@ -92,6 +92,8 @@ class KeystoreConfig:
     # PostgreSQL only, e.g. postgresql://gpgfilter@db.example.org/gpgfilter; a password is
     # better kept in ~/.pgpass or PGPASSFILE than here.
     dsn: str | None = None
+    # Seconds the filter waits for one key lookup before deferring that recipient (451).
+    lookup_timeout: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,6 +358,8 @@ def _check(config: Any, prefix: str) -> None:
             raise ConfigError(f"{prefix}dsn: only used when {prefix}backend is postgresql")
         if config.backend != "sqlite" and config.path is not None:
             raise ConfigError(f"{prefix}path: only used when {prefix}backend is sqlite")
+        if not 0 < config.lookup_timeout <= 300:
+            raise ConfigError(f"{prefix}lookup_timeout: must be between 0 and 300 seconds")
     if isinstance(config, GpgConfig):
         if not 0 <= config.compress_level <= 9:
             raise ConfigError(f"{prefix}compress_level: must be between 0 and 9")

@@ -12,6 +12,7 @@ import re
 import socket
 import stat
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -23,9 +24,11 @@ from gpgfilter.config import Config, ConfigError, Endpoint, load
 from gpgfilter.setup import Postconf, SetupError, lmtp_parameters
 from keystore.model import Binding
 from keystore.open import open_store
-from keystore.store import StoreError
+from keystore.store import StoreError, StoreUnavailable
 
 MIN_GPG = (2, 2)
+# Longer than libpq's connect_timeout (5 s), so that its own message says what went wrong.
+STORE_TIMEOUT = 20.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +160,8 @@ def check_health(config: Config) -> Check:
         return _warn(what, "metrics are disabled", "metrics: {enabled: true} to watch the filter")
     url = f"http://{config.metrics.listen}/health"
     try:
-        with urllib.request.urlopen(url, timeout=5) as response:
+        # /health asks the store and waits for it up to keystore.lookup_timeout.
+        with urllib.request.urlopen(url, timeout=config.keystore.lookup_timeout + 5) as response:
             body = json.loads(response.read())
     except urllib.error.HTTPError as error:
         body = json.loads(error.read() or b"{}")
@@ -233,15 +237,23 @@ def check_gpg(config: Config) -> Iterator[Check]:
 def check_keystore(config: Config, days: int) -> Iterator[Check]:
     what = "key store"
     try:
-        store = open_store(config.keystore, config.keystore_path, create=False)
-        try:
-            bindings = store.bindings()
-        finally:
-            store.close()
-    except StoreError as error:
+        bindings = _read_bindings(config)
+    except StoreUnavailable as error:
+        # Down is not lost: restoring a backup over a database that merely stopped answering
+        # would throw away every key registered since.
         yield _fail(
             what,
-            str(error),
+            f"the key store's database does not answer ({error})",
+            "check PostgreSQL: `systemctl status postgresql` and its log on the database host,"
+            " and that this host reaches it as keystore.dsn says (host, port, pg_hba.conf);"
+            " nothing is lost, mail for enrolled users is deferred until it answers",
+        )
+        return
+    except StoreError as error:
+        missing = config.keystore.backend == "sqlite" and not config.keystore_path.exists()
+        yield _fail(
+            what,
+            f"{config.keystore_path} is missing" if missing else str(error),
             "restore the store from backup, or `gpgfilter keys import` to create it;"
             " until then mail for enrolled users is deferred",
         )
@@ -270,6 +282,35 @@ def check_keystore(config: Config, days: int) -> Iterator[Check]:
         )
     else:
         yield _ok("expiring keys", f"none within {days} days")
+
+
+def _read_bindings(config: Config, timeout: float = STORE_TIMEOUT) -> list[Binding]:
+    """Every binding, or ``StoreUnavailable`` when the store gives no answer in ``timeout``.
+
+    The store is read in a daemon thread: a frozen database holds that thread (no timeout of
+    libpq fires while the kernel still acknowledges), and doctor must still finish its report.
+    """
+    outcome: list[list[Binding] | StoreError] = []
+
+    def read() -> None:
+        try:
+            store = open_store(config.keystore, config.keystore_path, create=False)
+            try:
+                outcome.append(store.bindings())
+            finally:
+                store.close()
+        except StoreError as error:
+            outcome.append(error)
+
+    thread = threading.Thread(target=read, name="doctor-keystore", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not outcome:
+        raise StoreUnavailable(f"no answer within {timeout:g}s")
+    result = outcome[0]
+    if isinstance(result, StoreError):
+        raise result
+    return result
 
 
 def _addresses(bindings: list[Binding]) -> str:

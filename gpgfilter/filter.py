@@ -1,8 +1,9 @@
 """What happens to one message: classify it, decide per recipient, encrypt, deliver, answer.
 
 This module holds the policy and speaks neither SMTP nor OpenPGP itself: it meets the protocol
-side (``receive``), the engine (``engine``), the store (``keystore``) and the downstream
-(``deliver``) through small interfaces, so each can be tested and replaced on its own.
+side (``receive``), the engine (``engine``), the store (``keystore.store.KeyLookup``: one
+asynchronous, time-bounded question) and the downstream (``deliver``) through small
+interfaces, so each can be tested and replaced on its own.
 
 The rules it enforces (traps.md 1-4, 15-16): one ciphertext per recipient with only that
 recipient's keys; "enrolled" comes from the store, never from gpg; every internal failure is a
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import hashlib
 import logging
 import re
 import time
@@ -30,7 +32,7 @@ from gpgfilter.metrics import Metrics
 from gpgfilter.rawmessage import RawMessage, split
 from gpgfilter.recipients import canonical_address
 from keystore.model import StoredKey
-from keystore.store import KeyStore, StoreError
+from keystore.store import KeyLookup, StoreError, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,7 @@ KEY_UNUSABLE = Reply(
 )
 LARGE_MESSAGE_BYTES = 4 * 1024 * 1024
 _POSTFIX_QUEUE_ID = re.compile(r"\(Postfix\)[^;]*?\bid ([0-9A-Za-z]+)")
+_PLAIN_DOMAIN = re.compile(r"[a-z0-9](?:[a-z0-9.-]{0,251}[a-z0-9])?")
 
 
 class Outcome(enum.Enum):
@@ -96,7 +99,7 @@ class MailFilter:
     def __init__(
         self,
         *,
-        store: KeyStore,
+        keys: KeyLookup,
         engine: Engine,
         deliverer: Deliverer,
         metrics: Metrics,
@@ -106,7 +109,7 @@ class MailFilter:
         gpg_timeout: float = 120.0,
         all_or_nothing: bool = False,
     ) -> None:
-        self.store = store
+        self.keys = keys
         self.engine = engine
         self.deliverer = deliverer
         self.metrics = metrics
@@ -156,7 +159,9 @@ class MailFilter:
         verdict = classify(message)
         report = _Report(_queue_id(message), len(envelope.content), verdict, started)
         self.metrics.message_bytes.observe(report.size)
-        decisions = [self._decide(r, verdict) for r in envelope.recipients]
+        decisions = list(
+            await asyncio.gather(*(self._decide(r, verdict) for r in envelope.recipients))
+        )
         if not self.all_or_nothing:
             replies = await self._encrypt_and_deliver(message, envelope, decisions, report)
         else:
@@ -170,12 +175,21 @@ class MailFilter:
         self._account(envelope, decisions, replies, report)
         return replies
 
-    def _decide(self, recipient: str, verdict: Verdict) -> _Decision:
+    async def _decide(self, recipient: str, verdict: Verdict) -> _Decision:
         if verdict.already_encrypted:
             return _Decision(Outcome.ALREADY_ENCRYPTED)
         address = canonical_address(recipient, self.delimiters)
         try:
-            keys = self.store.keys_for(address)
+            keys = await self.keys.keys_for(address)
+        except StoreUnavailable as error:
+            # The one line an admin sees when the database hangs: which mail waits, and why.
+            self.metrics.keystore_up.set(0)
+            log.warning(
+                "key store did not answer for a recipient at %s; deferring it (451): %s",
+                _log_domain(address),
+                error,
+            )
+            return _Decision(Outcome.FAILED, reply=TEMPORARY_FAILURE)
         except StoreError as error:
             self.metrics.keystore_up.set(0)
             log.error("key store unavailable, deferring: %s", error)
@@ -395,6 +409,15 @@ def _needs_smtputf8(envelope: Envelope, indexes: list[int]) -> bool:
         return False
     addresses = [envelope.mail_from, *(envelope.recipients[i] for i in indexes)]
     return not all(address.isascii() for address in addresses)
+
+
+def _log_domain(address: str) -> str:
+    """The address's domain as a log may show it: a plain DNS name as is, anything else (it
+    came from the client) as a short hash."""
+    domain = address.rpartition("@")[2]
+    if _PLAIN_DOMAIN.fullmatch(domain):
+        return domain
+    return "sha256:" + hashlib.sha256(domain.encode("utf-8", "replace")).hexdigest()[:16]
 
 
 def _queue_id(message: RawMessage) -> str:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from keystore.store import KeyStore, StoreError
+from keystore.model import Binding
+from keystore.store import StoreError
 
 EXPIRING_SOON_SECONDS = 14 * 86400
 
@@ -59,28 +61,32 @@ class Metrics:
         )
         self.keystore_up = Gauge(
             "gpgfilter_keystore_up",
-            "1 when the last key store lookup succeeded, 0 when it failed",
+            "1 when the last key store lookup succeeded, 0 when it failed or timed out",
             registry=self.registry,
         )
 
 
+class BindingSource(Protocol):
+    async def bindings(self) -> list[Binding]: ...
+
+
 class KeyStateCollector(Collector):
-    """``gpgfilter_registered_keys{state}``, read from the store at each scrape: how many
-    registered keys are usable, expire within 14 days, or can no longer encrypt (their mail
-    is held)."""
+    """``gpgfilter_registered_keys{state}``: how many registered keys are usable, expire within
+    14 days, or can no longer encrypt (their mail is held).
 
-    def __init__(self, store: KeyStore) -> None:
-        self.store = store
+    Prometheus collects on the event loop, inside the HTTP handler, so ``collect`` only reports
+    the counts ``refresh`` took just before (off the loop, bounded in time). A store that does
+    not answer leaves the metric out, so a stale count never passes for a current one."""
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        family = GaugeMetricFamily(
-            "gpgfilter_registered_keys",
-            "Registered keys by state: usable, expiring (within 14 days), unusable",
-            labels=["state"],
-        )
+    def __init__(self, source: BindingSource) -> None:
+        self.source = source
+        self._counts: dict[str, int] | None = None
+
+    async def refresh(self) -> None:
         try:
-            bindings = self.store.bindings()
+            bindings = await self.source.bindings()
         except StoreError:
+            self._counts = None
             return
         now = time.time()
         counts = {"usable": 0, "expiring": 0, "unusable": 0}
@@ -91,6 +97,16 @@ class KeyStateCollector(Collector):
                 counts["expiring"] += 1
             else:
                 counts["usable"] += 1
-        for state, count in counts.items():
+        self._counts = counts
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        if self._counts is None:
+            return
+        family = GaugeMetricFamily(
+            "gpgfilter_registered_keys",
+            "Registered keys by state: usable, expiring (within 14 days), unusable",
+            labels=["state"],
+        )
+        for state, count in self._counts.items():
             family.add_metric([state], count)
         yield family

@@ -23,10 +23,18 @@ class Health:
 
 
 HealthCheck = Callable[[], Awaitable[Health]]
+Refresh = Callable[[], Awaitable[None]]
 
 
-def make_app(registry: CollectorRegistry, health: HealthCheck) -> web.Application:
+def make_app(
+    registry: CollectorRegistry, health: HealthCheck, before_scrape: Refresh | None = None
+) -> web.Application:
+    """``before_scrape`` reads what the collectors report from slow sources (the key store)
+    off the event loop: collecting itself runs on the loop and must not block it."""
+
     async def metrics(_request: web.Request) -> web.Response:
+        if before_scrape is not None:
+            await before_scrape()
         return web.Response(
             body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )
@@ -45,9 +53,12 @@ def make_app(registry: CollectorRegistry, health: HealthCheck) -> web.Applicatio
 
 
 async def start_monitoring(
-    endpoint: Endpoint, registry: CollectorRegistry, health: HealthCheck
+    endpoint: Endpoint,
+    registry: CollectorRegistry,
+    health: HealthCheck,
+    before_scrape: Refresh | None = None,
 ) -> web.AppRunner:
-    runner = web.AppRunner(make_app(registry, health), access_log=None)
+    runner = web.AppRunner(make_app(registry, health, before_scrape), access_log=None)
     await runner.setup()
     site: web.BaseSite
     if endpoint.is_unix:

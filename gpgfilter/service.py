@@ -15,6 +15,7 @@ from gpgfilter.config import Config, ConfigError, load
 from gpgfilter.deliver import MailClient
 from gpgfilter.engine import GnuPGEngine
 from gpgfilter.filter import MailFilter
+from gpgfilter.lookup import StoreLookup
 from gpgfilter.metrics import KeyStateCollector, Metrics
 from gpgfilter.monitoring import Health, start_monitoring
 from gpgfilter.receive import Handler, start_server
@@ -33,6 +34,7 @@ class Service:
         handler: Handler,
         server: asyncio.AbstractServer,
         metrics: Metrics,
+        lookup: StoreLookup,
         *,
         config_path: Path | None = None,
         overrides: dict[str, Any] | None = None,
@@ -43,7 +45,8 @@ class Service:
         self.metrics = metrics
         self.config_path = config_path
         self.overrides = overrides
-        self._collector = KeyStateCollector(handler.filter.store)
+        self.lookup = lookup  # the store behind handler.filter.keys
+        self._collector = KeyStateCollector(lookup)
         metrics.registry.register(self._collector)
         self._retiring: set[asyncio.Task[None]] = set()
 
@@ -71,18 +74,24 @@ class Service:
             metrics=self.config.metrics,
         )
         try:
-            mail_filter = build_filter(new, self.metrics)
+            # Opening the store connects to it: off the loop, like every other store call.
+            lookup = await asyncio.to_thread(open_lookup, new)
         except (StoreError, OSError) as error:
             log.error("configuration not reloaded: %s", error)
             return False
-        old = self.handler.filter
+        try:
+            mail_filter = build_filter(new, self.metrics, lookup)
+        except OSError as error:
+            await lookup.close()
+            log.error("configuration not reloaded: %s", error)
+            return False
+        old, old_lookup = self.handler.filter, self.lookup
         self.handler.filter = mail_filter
+        self.lookup = lookup
         self.config = new
-        self.metrics.registry.unregister(self._collector)
-        self._collector = KeyStateCollector(mail_filter.store)
-        self.metrics.registry.register(self._collector)
+        self._collector.source = lookup
         logging.getLogger().setLevel(new.log_level.upper())
-        task = asyncio.create_task(_retire(old))
+        task = asyncio.create_task(_retire(old, old_lookup))
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
         log.info("configuration reloaded")
@@ -94,7 +103,7 @@ class Service:
         if self.handler.closing:
             return Health(False, "draining", checks)
         try:
-            await asyncio.to_thread(self.filter.store.keys_for, "health-check@invalid")
+            await self.lookup.keys_for("health-check@invalid")
             checks["keystore"] = "ok"
         except StoreError as error:
             checks["keystore"] = str(error)
@@ -116,19 +125,28 @@ class Service:
         if self._retiring:
             await asyncio.wait(self._retiring, timeout=drain_seconds)
         await self.filter.deliverer.close()
-        self.filter.store.close()
+        await self.lookup.close()
+
+    async def refresh_metrics(self) -> None:
+        """Read the key store for the metrics that come from it, before a scrape."""
+        await self._collector.refresh()
 
 
-async def _retire(old: MailFilter, seconds: float = 300.0) -> None:
+async def _retire(old: MailFilter, lookup: StoreLookup, seconds: float = 300.0) -> None:
     """Close a replaced filter's connections once its messages are done."""
     await old.drain(seconds)
     await old.deliverer.close()
-    old.store.close()
+    await lookup.close()
 
 
-def build_filter(config: Config, metrics: Metrics) -> MailFilter:
+def open_lookup(config: Config) -> StoreLookup:
+    """The configured store, asked off the event loop within ``keystore.lookup_timeout``."""
     config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     store = open_store(config.keystore, config.keystore_path, create=True)
+    return StoreLookup(store, timeout=config.keystore.lookup_timeout)
+
+
+def build_filter(config: Config, metrics: Metrics, lookup: StoreLookup) -> MailFilter:
     engine = GnuPGEngine(
         home=config.gnupg_home,
         binary=config.gpg.binary,
@@ -141,7 +159,7 @@ def build_filter(config: Config, metrics: Metrics) -> MailFilter:
         timeout=config.delivery_timeout,
     )
     return MailFilter(
-        store=store,
+        keys=lookup,
         engine=engine,
         deliverer=client,
         metrics=metrics,
@@ -161,7 +179,8 @@ async def start(
     overrides: dict[str, Any] | None = None,
 ) -> Service:
     metrics = metrics or Metrics()
-    mail_filter = build_filter(config, metrics)
+    lookup = await asyncio.to_thread(open_lookup, config)
+    mail_filter = build_filter(config, metrics, lookup)
     handler = Handler(mail_filter, lmtp=config.mode == "lmtp", max_size=config.max_message_size)
     server = await start_server(
         handler,
@@ -175,7 +194,9 @@ async def start(
         config.mode,
         config.deliver_to,
     )
-    return Service(config, handler, server, metrics, config_path=config_path, overrides=overrides)
+    return Service(
+        config, handler, server, metrics, lookup, config_path=config_path, overrides=overrides
+    )
 
 
 def _use_pidfd_child_watcher() -> None:
@@ -201,7 +222,10 @@ def run(
         monitoring = None
         if config.metrics.enabled:
             monitoring = await start_monitoring(
-                config.metrics.listen, service.metrics.registry, service.health
+                config.metrics.listen,
+                service.metrics.registry,
+                service.health,
+                service.refresh_metrics,
             )
             log.info("metrics and health on http://%s/", config.metrics.listen)
         stop = asyncio.Event()

@@ -4,8 +4,9 @@ Every call asks the database; nothing is cached, so a key confirmed through one 
 by the filter on every host from its next lookup on. Every database error becomes
 ``StoreError``: a store that cannot answer defers mail, it never reads as "no key".
 
-One connection per store object, used under a lock: the filter asks one question at a time
-(from its event loop), and a single connection keeps failure handling simple. A connection
+One connection per store object, used under a lock: the filter's lookups are few and short
+(they run in a small thread pool of the filter's own, see ``gpgfilter.lookup``), and a single
+connection keeps failure handling simple. A connection
 found broken is dropped and the next call opens a new one; a read that fails on a connection
 that was idle is retried once on a fresh one, so a database restart does not defer the next
 message. Writes are not retried: a commit whose answer was lost may or may not have happened.
@@ -30,7 +31,7 @@ from psycopg.types.json import Jsonb
 
 from keystore.migrations import newer_schema
 from keystore.model import AuditEntry, Binding, EncryptionKey, PendingChange, StoredKey
-from keystore.store import StoreError
+from keystore.store import StoreError, StoreUnavailable
 
 # Each entry upgrades the schema by one version, like keystore.sqlite's list (same tables,
 # PostgreSQL types). A store is brought up to date when opened.
@@ -96,8 +97,11 @@ _LOCK_CLASS = 0x6770_6766  # "gpgf"
 _REGISTRY_LOCK = 1  # (class, 1): changes to keys, bindings and pending changes
 _RATE_LOCK_CLASS = _LOCK_CLASS + 1  # (class + 1, hashtext(scope)): one rate count at a time
 
-# Used unless the DSN says otherwise. A lookup runs on the filter's event loop, so a database
-# that stops answering must turn into an error (mail deferred) within seconds, not hang.
+# Used unless the DSN says otherwise. A database that stops answering must turn into an error
+# within seconds rather than hold a thread of the filter's lookup pool (which gives up waiting
+# after keystore.lookup_timeout, but cannot free the thread). A frozen server still holds it:
+# the kernel keeps acknowledging, so no TCP timeout fires and statement_timeout runs in the
+# frozen server itself.
 _CONNECT_DEFAULTS = {
     "connect_timeout": "5",
     "application_name": "gpgfilter",
@@ -129,7 +133,8 @@ class PostgresKeyStore:
             try:
                 self._connect(create=create)
             except psycopg.Error as error:
-                raise StoreError(f"cannot open key store {self.where}: {_message(error)}") from None
+                kind = _error_kind(error)
+                raise kind(f"cannot open key store {self.where}: {_message(error)}") from None
 
     # -- connection handling -------------------------------------------------------------
     def _connect(self, *, create: bool) -> _Conn:
@@ -173,7 +178,8 @@ class PostgresKeyStore:
                     if self._drop_if_broken() and reused and retry:
                         retry = False
                         continue
-                    raise StoreError(f"key store {what} failed: {_message(error)}") from None
+                    kind = _error_kind(error)
+                    raise kind(f"key store {what} failed: {_message(error)}") from None
 
     def _transaction(self, work: Callable[[_Conn], _T]) -> _T:
         with self._lock:
@@ -431,6 +437,12 @@ def _describe(params: dict[str, Any]) -> str:
     host = params.get("host") or params.get("hostaddr") or "(default host)"
     port = params.get("port")
     return f"postgresql {dbname} on {host}" + (f":{port}" if port else "")
+
+
+def _error_kind(error: psycopg.Error) -> type[StoreError]:
+    """Connection failures and timeouts mean the database did not answer; anything else
+    (a missing table, a refused statement) means it answered and something is wrong."""
+    return StoreUnavailable if isinstance(error, psycopg.OperationalError) else StoreError
 
 
 def _message(error: psycopg.Error) -> str:

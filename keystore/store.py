@@ -1,4 +1,5 @@
-"""The storage interface the filter and the admin commands use; backends implement it."""
+"""The storage interfaces: ``KeyStore``, which backends implement and the admin commands use,
+and ``KeyLookup``, the one question the filter asks, answered without blocking its event loop."""
 
 from __future__ import annotations
 
@@ -10,6 +11,22 @@ from keystore.model import AuditEntry, Binding, PendingChange, StoredKey
 class StoreError(Exception):
     """The store cannot be read or written. The filter defers mail when it sees this: a store
     that cannot answer must never be mistaken for "this user has no key"."""
+
+
+class StoreUnavailable(StoreError):
+    """The store's database did not answer (connection refused, no answer in time): what it
+    holds is unknown, not lost. Kept apart from other ``StoreError``s because the fix differs:
+    bring the database back, never restore a backup over it."""
+
+
+class KeyLookup(Protocol):
+    """All the mail path asks of the store. Asynchronous so that a store that hangs costs the
+    asking recipient a bounded wait, never the event loop every other connection runs on."""
+
+    async def keys_for(self, address: str) -> list[StoredKey]:
+        """The keys bound to a canonical address; empty when the address is not enrolled.
+        Raises ``StoreError`` (``StoreUnavailable`` when no answer came in time)."""
+        ...
 
 
 class KeyStore(Protocol):

@@ -1,16 +1,112 @@
-"""A scriptable LMTP/SMTP downstream for tests of the filter's own logic.
+"""Stand-ins for tests of the filter's own logic: a scriptable LMTP/SMTP downstream, and
+a key lookup, an engine and a deliverer with which ``MailFilter`` runs without sockets or gpg.
 
-It stands in for Dovecot only where a test needs to choose the downstream's answers; the
-end-to-end tests use the real Dovecot.
+They stand in only where a test needs to choose the other side's answers; the end-to-end
+tests use the real Dovecot, gpg and key stores.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from gpgfilter.deliver import Reply
+from gpgfilter.engine import EngineError, Plaintext, Recipient, pieces
+from gpgfilter.openpgp import TAG_PKESK, TAG_SEIPD, find_armor, key_id
+from keystore.model import EncryptionKey, StoredKey
+from keystore.store import StoreError
+
+
+def stored_key(fingerprint: str, *, expires: int | None = None) -> StoredKey:
+    """A registered key as the filter sees it, with one encryption subkey (no real key data:
+    only a real engine would need it)."""
+    subkey = fingerprint[::-1]
+    return StoredKey(fingerprint, b"", expires, (EncryptionKey(subkey, expires),), ())
+
+
+@dataclass
+class FakeLookup:
+    """``KeyLookup`` from a dict; ``error`` is raised instead, after ``delay`` seconds."""
+
+    keys: dict[str, list[StoredKey]] = field(default_factory=dict)
+    error: StoreError | None = None
+    delay: float = 0.0
+    asked: list[str] = field(default_factory=list)
+
+    async def keys_for(self, address: str) -> list[StoredKey]:
+        self.asked.append(address)
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.error is not None:
+            raise self.error
+        return list(self.keys.get(address, []))
+
+
+def _packet(tag: int, body: bytes) -> bytes:
+    """An OpenPGP packet with a new-format header (five-octet length)."""
+    return bytes([0xC0 | tag, 0xFF]) + len(body).to_bytes(4, "big") + body
+
+
+@dataclass
+class FakeEngine:
+    """An ``Engine`` whose output has the form ``check_ciphertext`` demands (one session-key
+    packet per encryption key, then integrity-protected data) but holds the plaintext in
+    clear, so a test can read what would have been encrypted. Nothing here is encryption."""
+
+    encrypted: list[tuple[bytes, Recipient]] = field(default_factory=list)
+    error: EngineError | None = None
+
+    async def encrypt(self, plaintext: Plaintext, recipient: Recipient) -> bytes:
+        if self.error is not None:
+            raise self.error
+        data = b"".join(bytes(piece) for piece in pieces(plaintext))
+        self.encrypted.append((data, recipient))
+        session_keys = b"".join(
+            _packet(TAG_PKESK, b"\x03" + bytes.fromhex(key_id(f)) + b"\x01\x00\x08\xff")
+            for f in recipient.encryption_keys
+        )
+        binary = session_keys + _packet(TAG_SEIPD, b"\x01" + data)
+        text = base64.encodebytes(binary)
+        return b"-----BEGIN PGP MESSAGE-----\n\n" + text + b"-----END PGP MESSAGE-----\n"
+
+    @staticmethod
+    def plaintext(armored: bytes) -> bytes:
+        """What ``encrypt`` put into ``armored`` (the body of its last packet, version octet
+        skipped)."""
+        block = find_armor(armored)
+        assert block is not None
+        binary = block.data
+        while binary[0] != 0xC0 | TAG_SEIPD:  # every packet here has a five-octet length
+            binary = binary[6 + int.from_bytes(binary[2:6], "big") :]
+        return binary[6 + 1 :]
+
+
+@dataclass
+class FakeDeliverer:
+    """A ``Deliverer`` that accepts everything (or answers ``reply``) and records it."""
+
+    reply: Reply = field(default_factory=lambda: Reply(250, "2.0.0 Saved"))
+    sent: list[tuple[str, list[str], bytes]] = field(default_factory=list)
+
+    async def send(
+        self,
+        mail_from: str,
+        recipients: Sequence[str],
+        data: bytes | Sequence[bytes],
+        *,
+        smtputf8: bool = False,
+    ) -> list[Reply]:
+        content = data if isinstance(data, bytes) else b"".join(data)
+        self.sent.append((mail_from, list(recipients), content))
+        return [self.reply] * len(recipients)
+
+    async def close(self) -> None:
+        pass
 
 
 @dataclass

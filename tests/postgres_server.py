@@ -13,6 +13,7 @@ import contextlib
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -68,6 +69,7 @@ class PostgresServer:
         self.log = self.root / "server.log"
         self.port = free_port()
         self.running = False
+        self._frozen: list[int] = []
         self._databases = 0
         self._as_user: list[str] = []
         self.sockets.mkdir()
@@ -116,7 +118,45 @@ class PostgresServer:
             self._run("pg_ctl", "stop", "-D", str(self.data), "-m", "immediate", "-w")
             self.running = False
 
+    def processes(self) -> list[int]:
+        """The postmaster's process id, then its children's (checkpointer, backends, ...)."""
+        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        children = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+            if int(stat.rpartition(")")[2].split()[1]) == postmaster:
+                children.append(int(entry.name))
+        return [postmaster, *children]
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """Every server process stopped (SIGSTOP), as a hung database host looks to its
+        clients: connections stay open and the kernel still acknowledges, but nothing answers.
+        Continued when the block ends, however it ends (and by ``close`` at the latest)."""
+        try:
+            postmaster, *_ = self.processes()
+            os.kill(postmaster, signal.SIGSTOP)  # first, so that it forks no new child
+            self._frozen.append(postmaster)
+            for pid in self.processes()[1:]:
+                os.kill(pid, signal.SIGSTOP)
+                self._frozen.append(pid)
+            yield
+        finally:
+            self.thaw()
+
+    def thaw(self) -> None:
+        while self._frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._frozen.pop(), signal.SIGCONT)
+
     def close(self) -> None:
+        self.thaw()
         with contextlib.suppress(PostgresServerError, subprocess.TimeoutExpired):
             self.stop()
         shutil.rmtree(self.root, ignore_errors=True)

@@ -5,14 +5,19 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from gpgfilter.config import KeystoreConfig, load
+from gpgfilter.doctor import STORE_TIMEOUT, Check, check_keystore
+from keystore.open import open_store
 from tests.e2e_stack import Stack
-from tests.mailstack import require_mail_stack
+from tests.mailstack import free_port, require_mail_stack
 from tests.openpgp_tools import KeyFactory, TestKey
+from tests.postgres_server import PostgresServer
 
 pytestmark = pytest.mark.e2e
 
@@ -171,3 +176,70 @@ def test_stopped_dovecot_and_filter_fail(stack: Stack) -> None:
     finally:
         stack.filter.start()
     assert doctor(stack)[0] == 0
+
+
+# -- a database that is down is not a store that is lost ------------------------------------
+
+
+def _keystore_check(config_text: str, tmp_path: Path) -> tuple[Check, float]:
+    """doctor's key store line for a configuration, and how long it took."""
+    config_file = tmp_path / "gpgfilter.yaml"
+    config_file.write_text(f"data_dir: {tmp_path / 'data'}\n{config_text}")
+    started = time.monotonic()
+    first = next(check_keystore(load(config_file), 14))
+    return first, time.monotonic() - started
+
+
+def test_a_missing_sqlite_store_is_restored_from_backup(tmp_path: Path) -> None:
+    check, _ = _keystore_check("", tmp_path)
+    assert (check.status, check.what) == ("fail", "key store")
+    assert check.detail == f"{tmp_path / 'data' / 'keys.sqlite'} is missing"
+    assert "restore the store from backup" in check.fix
+
+
+def test_a_refused_database_connection_means_check_postgresql(tmp_path: Path) -> None:
+    dsn = f"postgresql://gpgfilter@127.0.0.1:{free_port()}/gpgfilter"
+    config_text = f"keystore:\n  backend: postgresql\n  dsn: {dsn}\n"
+    check, _ = _keystore_check(config_text, tmp_path)
+    assert check.status == "fail"
+    assert check.detail.startswith("the key store's database does not answer (")
+    assert "refused" in check.detail
+    assert check.fix.startswith("check PostgreSQL") and "backup" not in check.fix
+    # The same through the command an admin runs.
+    config = tmp_path / "gpgfilter.yaml"
+    config.write_text(config_text)
+    done = subprocess.run(
+        [sys.executable, "-m", "gpgfilter", "doctor", "--no-postfix", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "fail key store: the key store's database does not answer" in done.stdout
+    assert "fix: check PostgreSQL" in done.stdout
+
+
+def test_a_frozen_database_means_check_postgresql(
+    tmp_path: Path, postgres_server: PostgresServer, postgres_dsn: str
+) -> None:
+    config_text = f"keystore:\n  backend: postgresql\n  dsn: {postgres_dsn}\n"
+    config = KeystoreConfig(backend="postgresql", dsn=postgres_dsn)
+    open_store(config, tmp_path / "unused", create=True).close()  # a store, and then:
+    with postgres_server.frozen():  # continued when the block ends, however it ends
+        check, took = _keystore_check(config_text, tmp_path)
+    assert check.status == "fail"
+    assert check.detail.startswith("the key store's database does not answer (")
+    assert check.fix.startswith("check PostgreSQL") and "backup" not in check.fix
+    assert took < STORE_TIMEOUT + 5  # doctor finishes its report
+    assert _keystore_check(config_text, tmp_path)[0].status == "ok"  # and once it runs again
+
+
+def test_a_database_without_the_store_is_restored_from_backup(
+    tmp_path: Path, postgres_dsn: str
+) -> None:
+    check, _ = _keystore_check(
+        f"keystore:\n  backend: postgresql\n  dsn: {postgres_dsn}\n", tmp_path
+    )
+    assert check.status == "fail" and "not a gpgfilter key store" in check.detail
+    assert "restore the store from backup" in check.fix

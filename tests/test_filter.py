@@ -277,10 +277,15 @@ async def test_unusable_key_policy(
     assert isinstance(key_factory, KeyFactory)
     key = key_factory.make("erin@example.test", expires="1d")
     register(data_dir, key)
+    from gpgfilter.lookup import StoreLookup
     from gpgfilter.metrics import KeyStateCollector
 
     fresh = Metrics()
-    fresh.registry.register(KeyStateCollector(SQLiteKeyStore(data_dir / "keys.sqlite")))
+    lookup = StoreLookup(SQLiteKeyStore(data_dir / "keys.sqlite"), timeout=5)
+    collector = KeyStateCollector(lookup)
+    fresh.registry.register(collector)
+    await collector.refresh()
+    await lookup.close()
     assert fresh.registry.get_sample_value("gpgfilter_registered_keys", {"state": "expiring"}) == 1
     store = SQLiteKeyStore(data_dir / "keys.sqlite")
     (stored,) = store.keys_for("erin@example.test")
@@ -289,6 +294,7 @@ async def test_unusable_key_policy(
     store.close()
     h: Harness = await harness()  # type: ignore[misc]
     state = h.metrics.registry.get_sample_value
+    await h.service.refresh_metrics()  # what a scrape of /metrics does first
     assert state("gpgfilter_registered_keys", {"state": "unusable"}) == 1
     replies = await h.send(["erin@example.test"])
     assert replies[0].code == 451 and "expired" in replies[0].text

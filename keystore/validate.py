@@ -26,8 +26,8 @@ from typing import Any
 
 import gnupg
 
-from gpgfilter import openpgp
-from gpgfilter.engine import GPG_OPTIONS
+from gpgfilter.openpgp.engine import GPG_OPTIONS
+from keystore import packets as openpgp
 from keystore import sanitize
 from keystore.model import EncryptionKey, StoredKey
 

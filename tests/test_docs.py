@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 import pytest
 
-from gpgfilter.cli import main
+from gpgfilter.process.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = sorted([ROOT / "README.md", ROOT / "postfix" / "README.md", *ROOT.glob("docs/*.md")])
@@ -102,7 +102,7 @@ def test_the_documented_backup_restores_the_registry(tmp_path: Path, alice: obje
     """operations.md's backup command, run as written on a live store."""
     import subprocess
 
-    from keystore.sqlite import SQLiteKeyStore
+    from keystore.storage.sqlite import SQLiteKeyStore
     from keystore.validate import validate_key
 
     (backup,) = [c for _, c in COMMANDS if c[0] == "sqlite3"]

@@ -26,7 +26,8 @@ from gpgfilter.mail.classify import Verdict, classify
 from gpgfilter.mail.deliver import Reply
 from gpgfilter.mail.rawmessage import RawMessage, split
 from gpgfilter.mail.recipients import canonical_address
-from gpgfilter.openpgp.engine import Engine, EngineError, Plaintext, Recipient, check_ciphertext
+from gpgfilter.openpgp.check import check_ciphertext
+from gpgfilter.openpgp.engine import Engine, EngineError, Plaintext, Recipient
 from gpgfilter.process.config import PolicyConfig
 from gpgfilter.process.metrics import Metrics
 from keystore.model import StoredKey

@@ -14,7 +14,7 @@ from typing import Any
 from gpgfilter.mail.deliver import MailClient
 from gpgfilter.mail.filter import MailFilter
 from gpgfilter.mail.receive import Handler, start_server
-from gpgfilter.openpgp.engine import GnuPGEngine
+from gpgfilter.openpgp.factory import make_engine
 from gpgfilter.process.config import Config, ConfigError, load
 from gpgfilter.process.metrics import KeyStateCollector, Metrics
 from gpgfilter.process.monitoring import Health, start_monitoring
@@ -129,11 +129,7 @@ async def _retire(old: MailFilter, seconds: float = 300.0) -> None:
 def build_filter(config: Config, metrics: Metrics) -> MailFilter:
     config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     store = open_store(config.keystore, config.keystore_path, create=True)
-    engine = GnuPGEngine(
-        home=config.gnupg_home,
-        binary=config.gpg.binary,
-        compress_level=config.gpg.compress_level,
-    )
+    engine = make_engine(config.gpg, home=config.gnupg_home)
     client = MailClient(
         config.deliver_to,
         lmtp=config.mode == "lmtp",

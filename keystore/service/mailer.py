@@ -18,7 +18,9 @@ from pathlib import Path
 
 from gpgfilter.mail import pgpmime, rawmessage
 from gpgfilter.mail.deliver import MailClient
-from gpgfilter.openpgp.engine import EngineError, GnuPGEngine, Recipient, check_ciphertext
+from gpgfilter.openpgp.check import check_ciphertext
+from gpgfilter.openpgp.engine import EngineError, Recipient
+from gpgfilter.openpgp.gnupg import GnuPGEngine
 from gpgfilter.process.config import Endpoint
 from keystore.model import StoredKey
 from keystore.registration import MailError, Notice, Purpose

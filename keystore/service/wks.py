@@ -36,7 +36,7 @@ from pathlib import Path
 
 from gpgfilter.mail.pgpmime import assemble, new_boundary
 from gpgfilter.mail.rawmessage import split
-from gpgfilter.openpgp.engine import GPG_OPTIONS
+from keystore.gpg import GPG_OPTIONS
 from keystore.model import AuditEntry, PendingChange, StoredKey
 from keystore.service.wkd import publishable, zbase32
 from keystore.store import KeyStore

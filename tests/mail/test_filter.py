@@ -207,7 +207,7 @@ async def test_gpg_output_is_checked_not_trusted(
         replies = await h.send(["alice@example.test"])
         assert replies[0].code == 451
     # A real engine whose output is addressed to another key is caught by the check.
-    from gpgfilter.openpgp.engine import check_ciphertext
+    from gpgfilter.openpgp.check import check_ciphertext
 
     alice_key = validate_key(alice.public).key
     with pytest.raises(EngineError, match="not addressed"):

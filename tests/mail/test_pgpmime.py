@@ -13,7 +13,9 @@ from hypothesis import strategies as st
 from gpgfilter.mail import pgpmime
 from gpgfilter.mail.classify import Verdict, classify
 from gpgfilter.mail.rawmessage import split
-from gpgfilter.openpgp.engine import GnuPGEngine, Recipient, check_ciphertext
+from gpgfilter.openpgp.check import check_ciphertext
+from gpgfilter.openpgp.engine import Recipient
+from gpgfilter.openpgp.gnupg import GnuPGEngine
 from keystore.validate import validate_key
 from tests.mail.test_rawmessage import messages
 from tests.support.openpgp_tools import TestKey, decrypt_gpg

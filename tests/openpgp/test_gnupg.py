@@ -10,7 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gpgfilter.openpgp.engine import EngineError, GnuPGEngine, Recipient, check_ciphertext
+from gpgfilter.openpgp.check import check_ciphertext
+from gpgfilter.openpgp.engine import EngineError, Recipient
+from gpgfilter.openpgp.gnupg import GnuPGEngine
 from keystore.validate import validate_key
 from tests.support.openpgp_tools import (
     KeyFactory,

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from gpgfilter.process.config import KeystoreConfig
+from keystore.storage.config import KeystoreConfig
 from keystore.storage.open import open_store
 from keystore.store import KeyStore
 from tests.support.openpgp_tools import KeyFactory, TestKey

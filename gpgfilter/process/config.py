@@ -20,6 +20,8 @@ from typing import Any, Literal, NewType, get_args, get_origin
 
 import yaml
 
+from keystore.storage.config import KeystoreConfig
+
 
 class ConfigError(ValueError):
     """A configuration problem, phrased for the administrator."""
@@ -82,16 +84,6 @@ def default_data_dir() -> Path:
         return Path("/var/lib/gpgfilter")
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "gpgfilter"
-
-
-@dataclass(frozen=True, slots=True)
-class KeystoreConfig:
-    backend: Literal["sqlite", "postgresql"] = "sqlite"
-    # SQLite only. Default: DATA_DIR/keys.sqlite
-    path: Path | None = None
-    # PostgreSQL only, e.g. postgresql://gpgfilter@db.example.org/gpgfilter; a password is
-    # better kept in ~/.pgpass or PGPASSFILE than here.
-    dsn: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

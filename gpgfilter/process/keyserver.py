@@ -5,26 +5,61 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
+import tempfile
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from aiohttp import web
 
-from gpgfilter.process.config import Config, ConfigError
+from gpgfilter.mail import pgpmime, rawmessage
+from gpgfilter.mail.deliver import MailClient
+from gpgfilter.mail.receive import listen
+from gpgfilter.openpgp.check import check_ciphertext
+from gpgfilter.openpgp.engine import EngineError, Recipient
+from gpgfilter.openpgp.factory import EngineSettings, make_engine
+from gpgfilter.process.config import Config, ConfigError, Endpoint
+from keystore.model import StoredKey
 from keystore.ratelimit import RateLimiter
 from keystore.registration import Policy, Registry
 from keystore.service.http import PathOnlyAccessLogger, Settings, create_app
 from keystore.service.mailer import Mailer
+from keystore.service.outbound import EncryptionFailed, Send
 from keystore.service.wkd import StoreWkdLookup, wkd_routes
-from keystore.service.wks_listener import (
-    WksHandler,
-    relay_sender,
-    start_wks_listener,
-    wks_from_config,
-)
+from keystore.service.wks import MAX_MESSAGE_BYTES, ServiceKey, WksServer
+from keystore.service.wks_listener import WksHandler
 from keystore.storage.open import open_store as open_keystore
 from keystore.store import KeyStore
 
 log = logging.getLogger(__name__)
+
+
+class ThrowAwayEncryptor:
+    """The key service's :class:`~keystore.service.outbound.Encryptor`: the filter's engine,
+    output check and PGP/MIME assembly, each call in a throw-away engine home, so that uploaded
+    keys (most never confirmed) do not pile up on the server."""
+
+    def __init__(self, settings: EngineSettings) -> None:
+        self.settings = settings
+
+    async def armor(self, plaintext: bytes, key: StoredKey) -> bytes:
+        recipient = Recipient(key.key_data, key.usable_encryption_keys())
+        if not recipient.encryption_keys:
+            raise EncryptionFailed("the key cannot encrypt")
+        home = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="gpgfilter-ks-"))
+        try:
+            engine = await asyncio.to_thread(make_engine, self.settings, home=home)
+            armored = await engine.encrypt(plaintext, recipient)
+            check_ciphertext(armored, recipient)
+        except EngineError as error:
+            raise EncryptionFailed(f"encryption failed: {error}") from None
+        finally:
+            await asyncio.to_thread(shutil.rmtree, home, True)
+        return armored
+
+    async def pgp_mime(self, header: bytes, entity: bytes, key: StoredKey) -> bytes:
+        armored = await self.armor(entity, key)
+        return b"".join(pgpmime.assemble(rawmessage.split(header + b"\r\n"), armored))
 
 
 def open_store(config: Config) -> KeyStore:
@@ -51,12 +86,14 @@ def build(config: Config, store: KeyStore) -> tuple[web.Application, Registry, M
     # python-gnupg logs the keys it imports at DEBUG: never let key material reach a log.
     logging.getLogger("gnupg").setLevel(logging.WARNING)
     ks = config.keyserver
+    relay = MailClient(ks.relay, lmtp=False, helo=config.hostname, timeout=60.0)
     mailer = Mailer(
-        relay=ks.relay,
+        send=relay_sender(relay),
+        encryptor=ThrowAwayEncryptor(config.gpg),
         mail_from=config.keyserver_mail_from,
         hostname=config.hostname,
         public_url=config.keyserver_url,
-        gpg_binary=config.gpg.binary,
+        close=relay.close,
     )
     limiter = RateLimiter(
         store,
@@ -153,3 +190,51 @@ def run(config: Config) -> None:
         )
     finally:
         store.close()
+
+
+def relay_sender(client: MailClient) -> Send:
+    """A :data:`Send` handing mail to an SMTP server (Postfix); raises unless all accepted."""
+
+    async def send(mail_from: str, recipients: list[str], data: bytes) -> None:
+        smtputf8 = not all(address.isascii() for address in recipients)
+        replies = await client.send(mail_from, recipients, data, smtputf8=smtputf8)
+        refused = [reply for reply in replies if not reply.ok]
+        if refused:
+            raise OSError(f"relay refused the message: {refused[0].code}")
+
+    return send
+
+
+async def start_wks_listener(
+    handler: WksHandler, endpoint: Endpoint, *, hostname: str
+) -> asyncio.AbstractServer:
+    return await listen(
+        handler,
+        endpoint,
+        lmtp=handler.lmtp,
+        hostname=hostname,
+        data_size_limit=2 * MAX_MESSAGE_BYTES,
+        ident="gpgfilter-wks",
+    )
+
+
+def wks_from_config(config: Config, store: KeyStore) -> tuple[WksServer, MailClient]:
+    """The WKS server and its relay client as ``config.publication`` describes them; the
+    submission key is made on first use. Blocking (gpg): call it before the event loop runs
+    or in a thread."""
+    publication = config.publication
+    if not publication.domains:
+        raise ValueError("publication.domains is empty: nothing to publish")
+    key = ServiceKey.open(config.wks_home, publication.submission, gpg_binary=config.gpg.binary)
+    server = WksServer(
+        store=store,
+        service_key=key,
+        encryptor=ThrowAwayEncryptor(config.gpg),
+        domains=publication.domains,
+        token_ttl=publication.token_ttl,
+        gpg_binary=config.gpg.binary,
+    )
+    client = MailClient(
+        publication.wks_relay, lmtp=False, helo=config.hostname, timeout=config.delivery_timeout
+    )
+    return server, client

@@ -8,22 +8,13 @@ exactly the uploaded key's encryption keys before it leaves.
 
 from __future__ import annotations
 
-import asyncio
-import shutil
-import tempfile
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from email.utils import formatdate, make_msgid
-from pathlib import Path
 
-from gpgfilter.mail import pgpmime, rawmessage
-from gpgfilter.mail.deliver import MailClient
-from gpgfilter.openpgp.check import check_ciphertext
-from gpgfilter.openpgp.engine import EngineError, Recipient
-from gpgfilter.openpgp.gnupg import GnuPGEngine
-from gpgfilter.process.config import Endpoint
 from keystore.model import StoredKey
 from keystore.registration import MailError, Notice, Purpose
+from keystore.service.outbound import EncryptionFailed, Encryptor, Send
 
 _SUBJECTS = {
     "confirm": "Confirm your OpenPGP key",
@@ -59,30 +50,35 @@ class Mailer:
     def __init__(
         self,
         *,
-        relay: Endpoint,
+        send: Send,
+        encryptor: Encryptor,
         mail_from: str,
         hostname: str,
         public_url: str,
-        gpg_binary: str = "gpg",
-        timeout: float = 60.0,
+        close: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        self.send = send
+        self._close = close
+        self.encryptor = encryptor
         self.mail_from = mail_from
         self.hostname = hostname
         self.public_url = public_url.rstrip("/")
-        self.gpg_binary = gpg_binary
-        self.client = MailClient(relay, lmtp=False, helo=hostname, timeout=timeout)
 
     async def close(self) -> None:
-        await self.client.close()
+        """Release the sending side (the relay connection) the mailer was given."""
+        if self._close is not None:
+            await self._close()
 
     async def send_challenge(
         self, address: str, key: StoredKey, *, purpose: Purpose, token: str, expires: int
     ) -> None:
         inner = self._challenge_text(address, key, purpose, token, expires)
-        armored = await self._encrypt(inner, key)
         header = self._header(address, _SUBJECTS[purpose])
-        message = rawmessage.split(header + b"\r\n")
-        await self._send(address, pgpmime.assemble(message, armored))
+        try:
+            message = await self.encryptor.pgp_mime(header, inner, key)
+        except EncryptionFailed as error:
+            raise MailError(str(error)) from None
+        await self._send(address, message)
 
     async def send_notice(self, notice: Notice) -> None:
         text = _NOTICE_TEXT[notice.action].format(
@@ -105,7 +101,7 @@ class Mailer:
             b"Content-Type: text/plain; charset=utf-8\r\n"
             b"Content-Transfer-Encoding: 8bit\r\n"
         )
-        await self._send(notice.address, [header + b"\r\n" + _crlf(body)])
+        await self._send(notice.address, header + b"\r\n" + _crlf(body))
 
     # -- composition -------------------------------------------------------------------------
     def _challenge_text(
@@ -145,26 +141,11 @@ class Mailer:
         )
         return "".join(f"{f}\r\n" for f in fields).encode("ascii")
 
-    async def _encrypt(self, plaintext: bytes, key: StoredKey) -> bytes:
-        """Encrypt in a throw-away gpg home: uploaded keys must not pile up on the server."""
-        recipient = Recipient(key.key_data, key.usable_encryption_keys())
-        if not recipient.encryption_keys:
-            raise MailError("the key cannot encrypt")
-        home = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="gpgfilter-ks-"))
+    async def _send(self, address: str, data: bytes) -> None:
         try:
-            engine = await asyncio.to_thread(GnuPGEngine, home=home, binary=self.gpg_binary)
-            armored = await engine.encrypt(plaintext, recipient)
-            check_ciphertext(armored, recipient)
-        except EngineError as error:
-            raise MailError(f"encryption failed: {error}") from None
-        finally:
-            await asyncio.to_thread(shutil.rmtree, home, True)
-        return armored
-
-    async def _send(self, address: str, data: Sequence[bytes]) -> None:
-        [reply] = await self.client.send(self.mail_from, [address], data)
-        if not reply.ok:
-            raise MailError(str(reply))
+            await self.send(self.mail_from, [address], data)
+        except OSError as error:
+            raise MailError(str(error)) from None
 
 
 def _spaced(fingerprint: str) -> str:

@@ -26,26 +26,22 @@ import hashlib
 import logging
 import secrets
 import subprocess
-import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from email.message import Message
 from email.utils import formatdate, make_msgid, parseaddr
 from pathlib import Path
+from typing import Any
 
-from gpgfilter.mail.pgpmime import assemble, new_boundary
-from gpgfilter.mail.rawmessage import split
 from keystore.gpg import GPG_OPTIONS
 from keystore.model import AuditEntry, PendingChange, StoredKey
+from keystore.service.outbound import EncryptionFailed, Encryptor, Send
 from keystore.service.wkd import publishable, zbase32
 from keystore.store import KeyStore
 from keystore.validate import KeyRejected, KeyRevoked, validate_key
 
 log = logging.getLogger(__name__)
-
-Send = Callable[[str, list[str], bytes], Awaitable[None]]
-"""How mail leaves: ``send(mail_from, recipients, data)``; raises when it was not accepted."""
 
 MAX_MESSAGE_BYTES = 1024 * 1024
 DRAFT_VERSION = "3"
@@ -234,21 +230,9 @@ class ServiceKey:
         )
 
 
-def encrypt_to(key: StoredKey, plaintext: bytes, gpg_binary: str = "gpg") -> bytes:
-    """``plaintext`` armored and encrypted to exactly ``key``'s usable encryption (sub)keys."""
-    recipients = key.usable_encryption_keys()
-    if not recipients:
-        raise WksRejected("the key has no encryption key that is valid now")
-    with tempfile.TemporaryDirectory(prefix="gpgfilter-wks-") as tmp:
-        home = Path(tmp)
-        _gpg(home, ["--import"], key.key_data, gpg_binary)
-        args = ["--trust-model", "always", "--armor", "--encrypt"]
-        for fingerprint in recipients:
-            args += ["--recipient", f"{fingerprint}!"]
-        armored, keywords = _gpg(home, args, plaintext, gpg_binary)
-    if "END_ENCRYPTION" not in keywords or not armored:
-        raise GpgFailed("gpg did not encrypt")
-    return armored
+def new_boundary() -> str:
+    """A MIME boundary that cannot occur in the parts it separates (they are ours or armor)."""
+    return f"gpgfilter.{secrets.token_hex(16)}_"
 
 
 def token_hash(nonce: str) -> str:
@@ -268,6 +252,7 @@ class WksServer:
         store: KeyStore,
         service_key: ServiceKey,
         domains: Iterable[str],
+        encryptor: Encryptor,
         token_ttl: int = 86400,
         gpg_binary: str = "gpg",
         max_requests_per_hour: int = 5,
@@ -277,6 +262,8 @@ class WksServer:
         self.key = service_key
         self.address = service_key.address
         self.domains = frozenset(d.lower() for d in domains)
+        self.encryptor = encryptor
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.token_ttl = token_ttl
         self.gpg_binary = gpg_binary
         self.max_requests_per_hour = max_requests_per_hour
@@ -285,6 +272,7 @@ class WksServer:
     # -- entry points -------------------------------------------------------------------------
     async def process(self, raw: bytes, send: Send) -> None:
         """Handle one received message and send what it calls for (gpg runs in a thread)."""
+        self._loop = asyncio.get_running_loop()
         for mail in await asyncio.to_thread(self.handle, raw):
             try:
                 await send(mail.mail_from, list(mail.recipients), mail.data)
@@ -370,7 +358,7 @@ class WksServer:
             f"fingerprint: {key.fingerprint}\n"
             f"nonce: {nonce}\n"
         ).encode()
-        armored = _crlf(encrypt_to(key, body, self.gpg_binary)).rstrip(b"\r\n")
+        armored = _crlf(self._encrypt(self.encryptor.armor, body, key)).rstrip(b"\r\n")
         mixed = new_boundary().encode("ascii")
         signed = b"\r\n".join(
             (
@@ -474,13 +462,32 @@ class WksServer:
             "Mail to this address is encrypted to it from now on, and mail programs find it\r\n"
             "in the Web Key Directory.\r\n"
         ).encode()
+        head = self._head(address, "Your key has been published", "done")
         try:
-            armored = encrypt_to(key, text, self.gpg_binary)
+            message = self._encrypt(
+                lambda entity, key: self.encryptor.pgp_mime(head, entity, key), text, key
+            )
         except (GpgFailed, WksRejected) as error:
             log.warning("WKS: no notice for %s: %s", address, error)
             return None
-        fields = split(self._head(address, "Your key has been published", "done") + b"\r\n")
-        return Outgoing("", (address,), b"".join(assemble(fields, armored)), essential=False)
+        return Outgoing("", (address,), message, essential=False)
+
+    def _encrypt(
+        self,
+        how: Callable[[bytes, StoredKey], Coroutine[Any, Any, bytes]],
+        plaintext: bytes,
+        key: StoredKey,
+    ) -> bytes:
+        """Run the (async) encryptor from :meth:`handle`, which runs in a worker thread of the
+        loop that called :meth:`process` (or, called directly, without a loop)."""
+        if not key.usable_encryption_keys():
+            raise WksRejected("the key has no encryption key that is valid now")
+        try:
+            if self._loop is None:
+                return asyncio.run(how(plaintext, key))
+            return asyncio.run_coroutine_threadsafe(how(plaintext, key), self._loop).result()
+        except EncryptionFailed as error:
+            raise GpgFailed(str(error)) from None
 
 
 def _pgp_mime_ciphertext(message: Message) -> bytes:

@@ -13,23 +13,17 @@ The reply tells Postfix what became of the message, so nothing is lost and nothi
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from gpgfilter.mail.deliver import MailClient
-from gpgfilter.mail.receive import listen
-from gpgfilter.process.config import Config, Endpoint
+from keystore.service.outbound import Send
 from keystore.service.wks import (
     MAX_MESSAGE_BYTES,
-    Send,
-    ServiceKey,
     WksIgnored,
     WksRejected,
     WksServer,
 )
-from keystore.store import KeyStore
 
 log = logging.getLogger(__name__)
 
@@ -80,50 +74,3 @@ class WksHandler:
             log.error("WKS: processing failed, deferred: %s", type(error).__name__)
             return _TEMPORARY
         return "250 2.0.0 Key submission processed"
-
-
-def relay_sender(client: MailClient) -> Send:
-    """A :data:`Send` handing mail to an SMTP server (Postfix); raises unless all accepted."""
-
-    async def send(mail_from: str, recipients: list[str], data: bytes) -> None:
-        smtputf8 = not all(address.isascii() for address in recipients)
-        replies = await client.send(mail_from, recipients, data, smtputf8=smtputf8)
-        refused = [reply for reply in replies if not reply.ok]
-        if refused:
-            raise OSError(f"relay refused the message: {refused[0].code}")
-
-    return send
-
-
-async def start_wks_listener(
-    handler: WksHandler, endpoint: Endpoint, *, hostname: str
-) -> asyncio.AbstractServer:
-    return await listen(
-        handler,
-        endpoint,
-        lmtp=handler.lmtp,
-        hostname=hostname,
-        data_size_limit=2 * MAX_MESSAGE_BYTES,
-        ident="gpgfilter-wks",
-    )
-
-
-def wks_from_config(config: Config, store: KeyStore) -> tuple[WksServer, MailClient]:
-    """The WKS server and its relay client as ``config.publication`` describes them; the
-    submission key is made on first use. Blocking (gpg): call it before the event loop runs
-    or in a thread."""
-    publication = config.publication
-    if not publication.domains:
-        raise ValueError("publication.domains is empty: nothing to publish")
-    key = ServiceKey.open(config.wks_home, publication.submission, gpg_binary=config.gpg.binary)
-    server = WksServer(
-        store=store,
-        service_key=key,
-        domains=publication.domains,
-        token_ttl=publication.token_ttl,
-        gpg_binary=config.gpg.binary,
-    )
-    client = MailClient(
-        publication.wks_relay, lmtp=False, helo=config.hostname, timeout=config.delivery_timeout
-    )
-    return server, client

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gpgfilter.process.config import KeystoreConfig
+from keystore.storage.config import KeystoreConfig
 from keystore.storage.postgres import PostgresKeyStore
 from keystore.storage.sqlite import SQLiteKeyStore
 from keystore.store import KeyStore, StoreError

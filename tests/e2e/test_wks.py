@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 
 from gpgfilter.mail.deliver import MailClient
-from gpgfilter.process.config import Endpoint
+from gpgfilter.process.config import Endpoint, GpgConfig
+from gpgfilter.process.keyserver import ThrowAwayEncryptor, relay_sender, start_wks_listener
 from keystore.service.wks import ServiceKey, WksServer
-from keystore.service.wks_listener import WksHandler, relay_sender, start_wks_listener
+from keystore.service.wks_listener import WksHandler
 from keystore.storage.sqlite import SQLiteKeyStore
 from tests.keystore.service.test_wks import DOMAIN, SUBMISSION, WKS_CLIENT, user, wks_client
 from tests.support.e2e_stack import Stack
@@ -92,7 +93,12 @@ def test_key_registered_by_mail_through_the_real_stack(
     with KeyFactory(tmp_path_factory.mktemp("wkse2ekeys")) as factory, stack:
         assert stack.filter is not None
         store = SQLiteKeyStore(stack.filter.data_dir / "keys.sqlite", create=True)
-        server = WksServer(store=store, service_key=service_key, domains=[DOMAIN])
+        server = WksServer(
+            store=store,
+            service_key=service_key,
+            encryptor=ThrowAwayEncryptor(GpgConfig()),
+            domains=[DOMAIN],
+        )
         alice = user(factory, service_key, ALICE)
         with Listener(server, wks_port, stack.postfix.smtp_port):
             submission = wks_client(alice, "--create", alice.fingerprint, ALICE)

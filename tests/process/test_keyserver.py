@@ -11,7 +11,15 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
+from gpgfilter.openpgp.engine import Plaintext, Recipient
+from gpgfilter.process import keyserver
+from gpgfilter.process.config import GpgConfig
+from gpgfilter.process.keyserver import ThrowAwayEncryptor
+from keystore.service.outbound import EncryptionFailed
 from keystore.service.wkd import wkd_hash
+from keystore.validate import validate_key
 from tests.support.mailstack import free_port
 from tests.support.openpgp_tools import TestKey
 
@@ -59,3 +67,22 @@ def test_keyserver_serves_api_wkd_and_wks(tmp_path: Path, alice: TestKey) -> Non
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=20) == 0
         log.close()
+
+
+async def test_key_service_mail_goes_through_the_filters_output_check(
+    alice: TestKey, bob: TestKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Challenges and WKS mail are encrypted by the filter's engine and refused, like the
+    filter's mail, when the engine's output is addressed to any other key."""
+    alice_key = validate_key(alice.public).key
+    bob_key = validate_key(bob.public).key
+    real = ThrowAwayEncryptor(GpgConfig())
+    to_bob = await real.armor(b"Content-Type: text/plain\r\n\r\nhi\r\n", bob_key)
+
+    class WrongKeyEngine:
+        async def encrypt(self, plaintext: Plaintext, recipient: Recipient) -> bytes:
+            return to_bob
+
+    monkeypatch.setattr(keyserver, "make_engine", lambda *_a, **_k: WrongKeyEngine())
+    with pytest.raises(EncryptionFailed, match="not addressed to exactly"):
+        await real.pgp_mime(b"To: <a@example.org>\r\n", b"\r\nhi\r\n", alice_key)

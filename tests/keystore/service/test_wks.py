@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from gpgfilter.mail.deliver import MailClient
-from gpgfilter.process.config import Endpoint
+from gpgfilter.process.config import Endpoint, GpgConfig
+from gpgfilter.process.keyserver import ThrowAwayEncryptor, start_wks_listener
 from keystore.service.wks import Outgoing, ServiceKey, WksIgnored, WksRejected, WksServer
-from keystore.service.wks_listener import WksHandler, start_wks_listener
+from keystore.service.wks_listener import WksHandler
 from keystore.storage.sqlite import SQLiteKeyStore
 from keystore.validate import validate_key
 from tests.support.mailstack import free_port
@@ -71,7 +72,12 @@ def clock() -> Clock:
 @pytest.fixture
 def server(store: SQLiteKeyStore, service_key: ServiceKey, clock: Clock) -> WksServer:
     return WksServer(
-        store=store, service_key=service_key, domains=[DOMAIN], token_ttl=3600, clock=clock
+        store=store,
+        service_key=service_key,
+        encryptor=ThrowAwayEncryptor(GpgConfig()),
+        domains=[DOMAIN],
+        token_ttl=3600,
+        clock=clock,
     )
 
 

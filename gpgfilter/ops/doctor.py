@@ -19,7 +19,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpgfilter.ops.setup import Postconf, SetupError, lmtp_parameters
+from gpgfilter.ops.commands import SetupError
+from gpgfilter.ops.postfix import Postconf, content_filter, lmtp_parameters
 from gpgfilter.process.config import Config, ConfigError, Endpoint, load
 from keystore.model import Binding
 from keystore.storage.open import open_store
@@ -90,8 +91,7 @@ def check_postfix(config: Config, postfix_dir: Path) -> Check:
             shown = ", ".join(f"{k} = {v or '(none)'}" for k, v in routes.items())
             return _fail(what, f"Postfix does not deliver to gpgfilter ({shown})", _SETUP_FIX)
         value = postconf.effective("content_filter")
-        listen = config.listen
-        wanted = f"gpgfilter:[{listen.host}]:{listen.port}"
+        wanted = content_filter(config.listen)
         if value != wanted:
             return _fail(what, f"content_filter = {value or '(none)'}, not {wanted}", _SETUP_FIX)
         if postconf.service("gpgfilter/unix") is None:

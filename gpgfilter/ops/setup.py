@@ -12,24 +12,24 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shlex
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from gpgfilter.ops.commands import Runner, SetupError, run_command
+from gpgfilter.ops.dovecot import (
+    DEFAULT_DOVECOT_CONFIG,
+    DOVECOT_DROP_IN,
+    dovecot_drop_in,
+    dovecot_lmtp_listeners,
+    serves,
+)
+from gpgfilter.ops.postfix import Postconf, content_filter_parameters, lmtp_parameters
 from gpgfilter.process.config import Config, Endpoint
-
-DEFAULT_POSTFIX_DIR = Path("/etc/postfix")
-DEFAULT_DOVECOT_CONFIG = Path("/etc/dovecot/dovecot.conf")
-DOVECOT_DROP_IN = "99-gpgfilter.conf"
-
-
-class SetupError(RuntimeError):
-    """Setup cannot proceed; the message says why and what to do."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,184 +59,6 @@ class Plan:
     @property
     def shown_commands(self) -> list[list[str]]:
         return ([self.dovecot_reload] if self.dovecot_reload else []) + self.commands
-
-
-Runner = Callable[[list[str]], subprocess.CompletedProcess[str]]
-
-
-def run_command(args: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, capture_output=True, text=True, check=False, timeout=60)
-
-
-class Postconf:
-    """Postfix's configuration as ``postconf -c DIR`` reads and writes it."""
-
-    def __init__(self, config_dir: Path, run: Runner = run_command) -> None:
-        self.config_dir = config_dir
-        self._run = run
-        if not (config_dir / "main.cf").is_file():
-            raise SetupError(f"no Postfix configuration in {config_dir} (main.cf missing)")
-
-    def command(self, *args: str) -> list[str]:
-        return ["postconf", "-c", str(self.config_dir), *args]
-
-    def _query(self, *args: str) -> str:
-        done = self._run(self.command(*args))
-        if done.returncode != 0:
-            raise SetupError(f"{shlex.join(self.command(*args))}: {done.stderr.strip()}")
-        return done.stdout
-
-    def explicit(self, name: str) -> str | None:
-        """The value main.cf sets, or None when Postfix uses its default."""
-        for line in self._query("-n", name).splitlines():
-            key, sep, value = line.partition(" = ")
-            if sep and key == name:
-                return value
-            if line == f"{name} =":
-                return ""
-        return None
-
-    def effective(self, name: str) -> str:
-        return self._query("-h", name).strip()
-
-    def service(self, name: str) -> str | None:
-        """A master.cf entry (``name/type``) in one line, or None when there is none."""
-        done = self._run(self.command("-M", name))
-        line = " ".join(done.stdout.split())
-        return line or None
-
-    def main_cf(self) -> Path:
-        return self.config_dir / "main.cf"
-
-    def master_cf(self) -> Path:
-        return self.config_dir / "master.cf"
-
-
-@dataclass(frozen=True, slots=True)
-class DovecotListeners:
-    inet: tuple[Endpoint, ...]
-    unix: tuple[str, ...]
-
-
-def dovecot_lmtp_listeners(config_file: Path, run: Runner = run_command) -> DovecotListeners | None:
-    """Dovecot's LMTP listeners as ``doveconf`` reports them; None without Dovecot."""
-    if not config_file.exists():
-        return None
-    try:
-        done = run(["doveconf", "-c", str(config_file), "service/lmtp"])
-    except FileNotFoundError:
-        return None
-    if done.returncode != 0:
-        raise SetupError(f"doveconf -c {config_file}: {done.stderr.strip()}")
-    inet: list[Endpoint] = []
-    unix: list[str] = []
-    base_dir = "/run/dovecot"
-    base = run(["doveconf", "-c", str(config_file), "-h", "base_dir"])
-    if base.returncode == 0 and base.stdout.strip():
-        base_dir = base.stdout.strip()
-    for kind, body in re.findall(r"(inet|unix)_listener \S+ \{(.*?)\}", done.stdout, re.S):
-        settings = dict(re.findall(r"^\s*(\w+) = ?(.*)$", body, re.M))
-        if kind == "inet":
-            port = settings.get("port", "0")
-            addresses = settings.get("address", "").split() or ["*"]
-            for address in addresses:
-                if port.isdigit() and int(port) > 0:
-                    inet.append(Endpoint(address, int(port)))
-        else:
-            path = settings.get("path", "")
-            if path and not path.startswith("/"):
-                path = f"{base_dir}/{path}"
-            unix.append(path)
-    names = re.findall(r"unix_listener (\S+) \{", done.stdout)
-    unix = [p if p else f"{base_dir}/{n}" for p, n in zip(unix, names, strict=True)]
-    return DovecotListeners(tuple(inet), tuple(unix))
-
-
-def _serves(listeners: DovecotListeners, target: Endpoint) -> bool:
-    if target.is_unix:
-        return target.path in listeners.unix
-    wildcard = {"*", "0.0.0.0"} if ":" not in target.host else {"::", "[::]"}  # noqa: S104
-    return any(
-        e.port == target.port and (e.host == target.host or e.host in wildcard)
-        for e in listeners.inet
-    )
-
-
-def _transport_to(endpoint: Endpoint, protocol: str) -> str:
-    if endpoint.is_unix:
-        return f"{protocol}:unix:{endpoint.path}"
-    host = f"[{endpoint.host}]"
-    return f"{protocol}:inet:{host}:{endpoint.port}" if protocol == "lmtp" else host
-
-
-def lmtp_parameters(config: Config) -> dict[str, str]:
-    """main.cf for LMTP mode; the same settings as ``postfix/lmtp-mode/main.cf``."""
-    listen = config.listen
-    if listen.is_unix:
-        transport = f"lmtp:unix:{listen.path}"
-    else:
-        transport = f"lmtp:inet:{listen.host}:{listen.port}"
-    return {
-        "virtual_transport": transport,
-        "lmtp_destination_recipient_limit": "50",
-        "lmtp_destination_concurrency_limit": "8",
-        "lmtp_data_done_timeout": "600s",
-    }
-
-
-def content_filter_parameters(config: Config) -> tuple[dict[str, str], dict[str, str]]:
-    """main.cf and master.cf for content-filter mode; as ``postfix/content-filter/``."""
-    listen = config.listen
-    if listen.is_unix:
-        raise SetupError("content-filter mode needs the filter on TCP (listen: HOST:PORT)")
-    reinject = config.deliver_to
-    if reinject.is_unix:
-        raise SetupError("content-filter mode reinjects over TCP (deliver: HOST:PORT)")
-    main = {
-        "content_filter": f"gpgfilter:[{listen.host}]:{listen.port}",
-        "gpgfilter_destination_recipient_limit": "1",
-    }
-    master = {
-        "gpgfilter/unix": "gpgfilter unix - - n - 10 smtp"
-        " -o syslog_name=postfix/gpgfilter"
-        " -o smtp_send_xforward_command=yes"
-        " -o disable_mime_output_conversion=yes"
-        " -o smtp_generic_maps="
-        " -o smtp_tls_security_level=none",
-        f"{reinject.host}:{reinject.port}/inet": f"{reinject.host}:{reinject.port} inet n - n - 10"
-        " smtpd"
-        " -o syslog_name=postfix/gpgfilter-reinject"
-        " -o content_filter="
-        " -o receive_override_options=no_unknown_recipient_checks,no_header_body_checks,"
-        "no_milters,no_address_mappings"
-        " -o smtpd_helo_restrictions="
-        " -o smtpd_client_restrictions="
-        " -o smtpd_sender_restrictions="
-        " -o smtpd_relay_restrictions="
-        " -o smtpd_recipient_restrictions=permit_mynetworks,reject"
-        " -o smtpd_data_restrictions="
-        " -o mynetworks=127.0.0.0/8"
-        " -o smtpd_authorized_xforward_hosts=127.0.0.0/8"
-        " -o smtpd_tls_security_level=none"
-        " -o smtpd_sasl_auth_enable=no",
-    }
-    return main, master
-
-
-def dovecot_drop_in(target: Endpoint) -> str:
-    """A Dovecot LMTP listener where the filter delivers (as ``postfix/dovecot/lmtp.conf``)."""
-    return (
-        "# Written by `gpgfilter setup`: the LMTP listener gpgfilter delivers to.\n"
-        "# `gpgfilter setup --undo` removes this file.\n"
-        "protocols = $protocols lmtp\n"
-        "service lmtp {\n"
-        "  inet_listener lmtp {\n"
-        f"    address = {target.host}\n"
-        f"    port = {target.port}\n"
-        "  }\n"
-        "}\n"
-        "quota_full_tempfail = yes\n"
-    )
 
 
 def _filter_target(config: Config) -> str:
@@ -321,7 +143,7 @@ def _plan_dovecot(config: Config, plan: Plan, dovecot_config: Path | None, run: 
             f" on {target}"
         )
         return
-    if _serves(listeners, target):
+    if serves(listeners, target):
         plan.notes.append(f"Dovecot's LMTP already listens on {target}")
         return
     if target.is_unix:
@@ -408,7 +230,7 @@ def apply_plan(
             drop_in.write_text(dovecot_drop_in(target), encoding="utf-8")
             created.append(str(drop_in))
             listeners = dovecot_lmtp_listeners(dovecot_config or DEFAULT_DOVECOT_CONFIG, run)
-            if listeners is None or not _serves(listeners, target):
+            if listeners is None or not serves(listeners, target):
                 drop_in.unlink()
                 raise SetupError(
                     f"Dovecot does not read {drop_in}: add `!include_try conf.d/*.conf` to"

@@ -13,7 +13,10 @@ import click
 
 from gpgfilter.openpgp.engine import EngineError
 from gpgfilter.ops import setup as setup_module
+from gpgfilter.ops.commands import SetupError
 from gpgfilter.ops.doctor import run_checks
+from gpgfilter.ops.dovecot import DEFAULT_DOVECOT_CONFIG
+from gpgfilter.ops.postfix import DEFAULT_POSTFIX_DIR, Postconf
 from gpgfilter.process.config import Config, ConfigError, load
 from gpgfilter.process.service import run
 from keystore.storage.open import open_store
@@ -230,33 +233,24 @@ def remove_key(ctx: click.Context, target: str) -> None:
     click.echo(f"removed {removed} binding(s)")
 
 
-_long_config_option = click.option(
-    "--config",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default=None,
-    expose_value=False,
-    callback=_config_after_command,
-    help="gpgfilter's YAML configuration file.",
-)
 _postfix_dir_option = click.option(
-    "-c",
     "--postfix-dir",
     type=click.Path(path_type=Path, file_okay=False),
-    default=setup_module.DEFAULT_POSTFIX_DIR,
+    default=DEFAULT_POSTFIX_DIR,
     show_default=True,
     help="Postfix configuration directory, as for postconf -c.",
 )
 _dovecot_option = click.option(
     "--dovecot-config",
     type=click.Path(path_type=Path, dir_okay=False),
-    default=setup_module.DEFAULT_DOVECOT_CONFIG,
+    default=DEFAULT_DOVECOT_CONFIG,
     show_default=True,
     help="Dovecot's configuration file.",
 )
 
 
 @main.command()
-@_long_config_option
+@config_option
 @_postfix_dir_option
 @_dovecot_option
 @click.option("--dry-run", is_flag=True, help="Print every change and command; change nothing.")
@@ -272,7 +266,7 @@ def setup(
     """
     config = _load(ctx)
     try:
-        postconf = setup_module.Postconf(postfix_dir)
+        postconf = Postconf(postfix_dir)
         if undo:
             for line in setup_module.undo(
                 config, postconf, dry_run=dry_run, dovecot_config=dovecot_config
@@ -297,7 +291,7 @@ def setup(
         record, warnings = setup_module.apply_plan(
             plan, config, postconf, dovecot_config=dovecot_config
         )
-    except setup_module.SetupError as error:
+    except SetupError as error:
         raise click.ClickException(str(error)) from None
     for warning in warnings:
         click.echo(f"warning: {warning}", err=True)
@@ -305,9 +299,8 @@ def setup(
 
 
 @main.command()
-@_long_config_option
+@config_option
 @click.option(
-    "-c",
     "--postfix-dir",
     type=click.Path(path_type=Path, file_okay=False),
     default=None,
@@ -319,7 +312,7 @@ def setup(
 def doctor(ctx: click.Context, postfix_dir: Path | None, no_postfix: bool, days: int) -> None:
     """Check every part of the mail path; one line each, with the fix. Exit status 1 on a fail."""
     if postfix_dir is None and not no_postfix:
-        postfix_dir = setup_module.DEFAULT_POSTFIX_DIR
+        postfix_dir = DEFAULT_POSTFIX_DIR
     failed = False
     for check in run_checks(ctx.obj["config_path"], None if no_postfix else postfix_dir, days=days):
         click.echo(str(check))

@@ -30,7 +30,7 @@ def _message(n: int) -> bytes:
 
 def _run_setup(stack: Stack, config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "gpgfilter", "setup", "--config", str(config)]
-    command += ["-c", str(stack.postfix.config_dir)]
+    command += ["--postfix-dir", str(stack.postfix.config_dir)]
     command += ["--dovecot-config", str(stack.dovecot.config_path), *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
 

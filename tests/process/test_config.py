@@ -95,3 +95,14 @@ def test_config_option_before_or_after_the_command(tmp_path: Path) -> None:
         assert result.exit_code == 1 and "mode: must be one of" in result.output, args
     listing = CliRunner().invoke(main, ["keys", "list", "-c", str(config)])
     assert "mode: must be one of" in listing.output
+
+
+def test_dash_c_names_the_configuration_file_for_every_command(tmp_path: Path) -> None:
+    """``-c`` is gpgfilter's configuration file for setup and doctor too; Postfix's directory
+    is ``--postfix-dir``."""
+    bad = tmp_path / "gpgfilter.yaml"
+    bad.write_text("no_such_key: 1\n")
+    for command in (["setup", "--dry-run"], ["doctor", "--no-postfix"]):
+        result = CliRunner().invoke(main, [*command, "-c", str(bad)])
+        assert result.exit_code != 0
+        assert "no_such_key" in result.output, result.output

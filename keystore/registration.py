@@ -1,11 +1,11 @@
 """The rules of self-service key registration, independent of HTTP.
 
-Only the owner of an address may bind a key to it (traps.md, 21-22): an upload stays pending
+Only the owner of an address may bind a key to it: an upload stays pending
 until its owner returns the token that was mailed, encrypted to the uploaded key, to that
 address; the current key stays active until then. Two changes need no challenge because they
 prove themselves: a renewed copy of the active key (same primary key, signed by it) and a
 revocation of the active key. Every change is audited and announced to the address in clear
-text, so an owner learns of a change they did not make (traps.md, 24).
+text, so an owner learns of a change they did not make.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 in a ``sh`` block is parsed by the real command-line interface (an unknown command or option
 fails here), every other program must be installed or be one this machine cannot run, and every
 repository path they name must exist. The commands' behaviour is tested where the features are
-(test_setup, test_doctor, test_keystore, ...)."""
+(tests/ops/, tests/keystore/, ...)."""
 
 from __future__ import annotations
 

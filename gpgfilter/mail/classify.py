@@ -1,6 +1,6 @@
 """Deciding whether a message is already encrypted — by its structure, never by a text search.
 
-Only three shapes pass through untouched (traps.md, 14):
+Only three shapes pass through untouched; a look-alike that passed would be stored in clear:
 
 - PGP/MIME (RFC 3156): ``multipart/encrypted; protocol="application/pgp-encrypted"`` with exactly
   two parts, the second an armored OpenPGP *encrypted message* (session-key packets followed by

@@ -4,7 +4,7 @@ This module holds the policy and speaks neither SMTP nor OpenPGP itself: it meet
 side (``receive``), the engine (``engine``), the store (``keystore``) and the downstream
 (``deliver``) through small interfaces, so each can be tested and replaced on its own.
 
-The rules it enforces (traps.md 1-4, 15-16): one ciphertext per recipient with only that
+The rules it enforces (docs/design.md, "Decisions"): one ciphertext per recipient with only that
 recipient's keys; "enrolled" comes from the store, never from gpg; every internal failure is a
 4xx for the recipients it touches; and a recipient is reported delivered only when the
 downstream said so.

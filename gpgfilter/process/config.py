@@ -90,7 +90,7 @@ def default_data_dir() -> Path:
 class GpgConfig:
     binary: str = "gpg"
     # 0 = no compression: 3-4x less CPU above ~50 KB, and mail attachments are mostly
-    # compressed already (engines.md).
+    # compressed already (docs/design.md).
     compress_level: int = 0
     # Parallel gpg processes at most.
     max_processes: int = 4

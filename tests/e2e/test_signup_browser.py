@@ -56,7 +56,7 @@ def _need_browser() -> str:
     missing = [name for name, path in (("chromium", chromium), ("chromedriver", CHROMEDRIVER))
                if not path or not os.path.exists(path)]  # fmt: skip
     if not OPENPGP_JS.is_file():
-        missing.append("OpenPGP.js (run keystore/web/install)")
+        missing.append("OpenPGP.js (run keystore/service/web/install)")
     if missing:
         message = f"needs {', '.join(missing)}"
         if os.environ.get("CI"):

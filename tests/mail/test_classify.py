@@ -1,4 +1,4 @@
-"""Already encrypted or not: decided by structure (traps.md, 14), both ways, on real messages."""
+"""Already encrypted or not: decided by structure, both ways, on real messages."""
 
 from __future__ import annotations
 

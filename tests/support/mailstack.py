@@ -416,7 +416,7 @@ class Dovecot:
     def _config(self, mail_uid: int, rcpt_check_quota: bool, delimiter: str) -> str:
         r = self.root
         return f"""\
-# Private Dovecot written by tests/mailstack.py (not for production).
+# Private Dovecot written by tests/support/mailstack.py (not for production).
 base_dir = {self.base_dir}
 state_dir = {r}/state
 instance_name = {self.instance_name}
@@ -700,7 +700,7 @@ recipient_delimiter = {delimiter}
 # Postfix
 
 _MASTER_CF = """\
-# Private Postfix written by tests/mailstack.py (not for production). No chroot anywhere.
+# Private Postfix written by tests/support/mailstack.py (not for production). No chroot anywhere.
 # service type  private unpriv  chroot  wakeup  maxproc command + args
 127.0.0.1:{smtp_port} inet n - n - - smtpd
 pickup    unix  n       -       n       60      1       pickup
@@ -786,7 +786,7 @@ class Postfix:
 
     def _main_cf(self) -> str:
         return f"""\
-# Private Postfix written by tests/mailstack.py (not for production).
+# Private Postfix written by tests/support/mailstack.py (not for production).
 compatibility_level = 3.6
 queue_directory = {self.queue_dir}
 data_directory = {self.data_dir}

@@ -1,4 +1,4 @@
-"""Tests of the mail-stack harness (tests/mailstack.py) with real Postfix and Dovecot.
+"""Tests of the mail-stack harness (tests/support/mailstack.py) with real Postfix and Dovecot.
 
 They pin the transport behaviour gpgfilter is built against: what Postfix and Dovecot add to
 a message, how one LMTP transaction can end 250 / 452 / 550 per recipient, and that the

@@ -28,11 +28,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gpgfilter.engine import GnuPGEngine, Recipient, check_ciphertext
-from gpgfilter.engine_choice import AutoEngine
-from gpgfilter.sequoia_engine import SequoiaEngine
+from gpgfilter.openpgp.check import check_ciphertext
+from gpgfilter.openpgp.choice import AutoEngine
+from gpgfilter.openpgp.engine import Recipient
+from gpgfilter.openpgp.gnupg import GnuPGEngine
+from gpgfilter.openpgp.sequoia import SequoiaEngine
 from keystore.validate import validate_key
-from tests.openpgp_tools import KeyFactory
+from tests.support.openpgp_tools import KeyFactory
 
 SIZES = {"10 KB": 10_000, "50 KB": 50_000, "1 MB": 1 << 20, "20 MB": 20 << 20}
 

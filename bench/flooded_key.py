@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from keystore.sanitize import strip_key
 from keystore.validate import decode_keyblock, validate_key
-from tests.openpgp_tools import KeyFactory
+from tests.support.openpgp_tools import KeyFactory
 
 
 def measure(flooded: bytes, runs: int) -> tuple[list[float], float, int]:

@@ -16,12 +16,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gpgfilter.config import Endpoint
-from gpgfilter.deliver import MailClient
-from tests.e2e_stack import FilterProcess
-from tests.fakes import Downstream
-from tests.mailstack import free_port
-from tests.openpgp_tools import KeyFactory
+from gpgfilter.mail.deliver import MailClient
+from gpgfilter.process.config import Endpoint
+from tests.support.e2e_stack import FilterProcess
+from tests.support.fakes import Downstream
+from tests.support.mailstack import free_port
+from tests.support.openpgp_tools import KeyFactory
 
 
 def message(megabytes: int) -> bytes:

@@ -23,8 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.e2e_stack import Stack, cpu_seconds
-from tests.openpgp_tools import KeyFactory
+from tests.support.e2e_stack import Stack, cpu_seconds
+from tests.support.openpgp_tools import KeyFactory
 
 DOMAIN = "example.test"
 SENDER = f"sender@{DOMAIN}"

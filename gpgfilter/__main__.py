@@ -1,3 +1,3 @@
-from gpgfilter.cli import main
+from gpgfilter.process.cli import main
 
 main()

@@ -1,6 +1,6 @@
 """The rules of self-service key registration, independent of HTTP.
 
-Only the owner of an address may bind a key to it (traps.md, 21-22): an upload stays pending
+Only the owner of an address may bind a key to it: an upload stays pending
 until its owner returns the token that was mailed, encrypted to the uploaded key, to that
 address; the current key stays active until then. Two changes need no challenge because they
 prove themselves: an update of the active key, merged with the stored copy so that only what
@@ -9,7 +9,7 @@ revocation of the active key. A token is good only for the state it was issued a
 change for the address voids the others (the store drops them with the change). A revoked key
 stays bound until another key replaces it, so mail stays held. Only addresses of the served
 mail domains are accepted, and never a sub-address. Every change is audited and announced to
-the address in clear text, so an owner learns of a change they did not make (traps.md, 24).
+the address in clear text, so an owner learns of a change they did not make.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from gpgfilter import openpgp
+from keystore import packets as openpgp
 
 SIG_KEY_REVOCATION = 0x20
 _SUBPACKET_ISSUER_KEY_ID = 16

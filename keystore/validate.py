@@ -28,9 +28,9 @@ from typing import Any
 
 import gnupg
 
-from gpgfilter import openpgp
-from gpgfilter.engine import GPG_OPTIONS
+from keystore import packets as openpgp
 from keystore import sanitize
+from keystore.gpg import GPG_OPTIONS
 from keystore.model import EncryptionKey, StoredKey
 
 log = logging.getLogger(__name__)

@@ -5,11 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from gpgfilter.config import KeystoreConfig
-from keystore.open import open_store
+from keystore.storage.config import KeystoreConfig
+from keystore.storage.open import open_store
 from keystore.store import KeyStore
-from tests.openpgp_tools import KeyFactory, TestKey
-from tests.postgres_server import PostgresServer, require_postgres, running_postgres
+from tests.support.openpgp_tools import KeyFactory, TestKey
+from tests.support.postgres_server import PostgresServer, require_postgres, running_postgres
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from gpgfilter.config import Config, load
-from tests.test_config import _keys
+from gpgfilter.process.config import Config, load
+from tests.process.test_config import _keys
 
 DIST = Path(__file__).resolve().parent.parent / "dist"
 

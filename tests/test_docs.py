@@ -2,7 +2,7 @@
 in a ``sh`` block is parsed by the real command-line interface (an unknown command or option
 fails here), every other program must be installed or be one this machine cannot run, and every
 repository path they name must exist. The commands' behaviour is tested where the features are
-(test_setup, test_doctor, test_keystore, ...)."""
+(tests/ops/, tests/keystore/, ...)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 import pytest
 
-from gpgfilter.cli import main
+from gpgfilter.process.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = sorted([ROOT / "README.md", ROOT / "postfix" / "README.md", *ROOT.glob("docs/*.md")])
@@ -102,7 +102,7 @@ def test_the_documented_backup_restores_the_registry(tmp_path: Path, alice: obje
     """operations.md's backup command, run as written on a live store."""
     import subprocess
 
-    from keystore.sqlite import SQLiteKeyStore
+    from keystore.storage.sqlite import SQLiteKeyStore
     from keystore.validate import validate_key
 
     (backup,) = [c for _, c in COMMANDS if c[0] == "sqlite3"]

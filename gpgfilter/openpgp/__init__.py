@@ -1,0 +1,1 @@
+"""OpenPGP: the engine seam."""

@@ -1,0 +1,1 @@
+"""Operations: wiring gpgfilter into Postfix and Dovecot, and checking it."""

@@ -1,0 +1,1 @@
+"""The processes: command line, configuration, service wiring, metrics."""

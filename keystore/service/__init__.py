@@ -1,0 +1,1 @@
+"""The key service's adapters: HTTP API and pages, WKD, WKS, challenge mails."""

@@ -1,0 +1,1 @@
+"""Where keys are kept: SQLite or PostgreSQL."""

@@ -1,0 +1,488 @@
+"""PostgreSQL backend: one database shared by the filters of several hosts and the admin tools.
+
+Every call asks the database; nothing is cached, so a key confirmed through one host is used
+by the filter on every host from its next lookup on. Every database error becomes
+``StoreError``: a store that cannot answer defers mail, it never reads as "no key".
+
+One connection per store object, used under a lock: the filter's lookups are few and short
+(they run in a small thread pool of the filter's own, see ``gpgfilter.mail.lookup``), and a single
+connection keeps failure handling simple. A connection
+found broken is dropped and the next call opens a new one; a read that fails on a connection
+that was idle is retried once on a fresh one, so a database restart does not defer the next
+message. Writes are not retried: a commit whose answer was lost may or may not have happened.
+
+The schema is created in an empty database when the store is opened with ``create`` (the
+filter at start, ``keys import``) and upgraded when opened by a newer gpgfilter, under an
+advisory lock so hosts starting together do not race. It is never created on a reconnect: a
+database that lost its tables must defer mail, not come back empty.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, LiteralString, TypeVar
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.rows import TupleRow
+from psycopg.types.json import Jsonb
+
+from keystore.model import AuditEntry, Binding, EncryptionKey, PendingChange, StoredKey
+from keystore.storage.migrations import newer_schema
+from keystore.store import StoreError, StoreUnavailable
+
+# Each entry upgrades the schema by one version, like keystore.storage.sqlite's list (same tables,
+# PostgreSQL types). A store is brought up to date when opened.
+_MIGRATIONS: tuple[LiteralString, ...] = (
+    """
+    CREATE TABLE meta (key text PRIMARY KEY, value text NOT NULL);
+    CREATE TABLE keys (
+        fingerprint text PRIMARY KEY,
+        key_data bytea NOT NULL,
+        expires bigint,
+        encryption_keys jsonb NOT NULL,
+        user_ids jsonb NOT NULL,
+        revoked boolean NOT NULL DEFAULT false,
+        updated bigint NOT NULL
+    );
+    CREATE TABLE bindings (
+        address text NOT NULL,
+        fingerprint text NOT NULL REFERENCES keys (fingerprint),
+        created bigint NOT NULL,
+        PRIMARY KEY (address, fingerprint)
+    );
+    CREATE INDEX bindings_by_fingerprint ON bindings (fingerprint);
+    """,
+    """
+    CREATE TABLE pending (
+        token_hash text PRIMARY KEY,
+        address text NOT NULL,
+        fingerprint text NOT NULL,
+        key_data bytea NOT NULL,
+        expires_key bigint,
+        encryption_keys jsonb NOT NULL,
+        user_ids jsonb NOT NULL,
+        created bigint NOT NULL,
+        expires bigint NOT NULL,
+        origin text NOT NULL
+    );
+    CREATE INDEX pending_by_address ON pending (address);
+    CREATE TABLE audit (
+        id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        at bigint NOT NULL,
+        address text NOT NULL,
+        action text NOT NULL,
+        fingerprint text NOT NULL,
+        actor text NOT NULL
+    );
+    CREATE INDEX audit_by_address ON audit (address);
+    CREATE TABLE events (scope text NOT NULL, at bigint NOT NULL);
+    CREATE INDEX events_by_scope ON events (scope, at);
+    CREATE TABLE notices (
+        fingerprint text NOT NULL,
+        kind text NOT NULL,
+        sent bigint NOT NULL,
+        PRIMARY KEY (fingerprint, kind)
+    );
+    """,
+)
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+# Advisory locks (transaction-scoped). The single 64-bit key and the (class, id) pairs are
+# separate key spaces in PostgreSQL, so they cannot collide with each other.
+_SCHEMA_LOCK = 0x6770_6766_696C_7472  # "gpgfiltr": one host migrates at a time
+_LOCK_CLASS = 0x6770_6766  # "gpgf"
+_REGISTRY_LOCK = 1  # (class, 1): changes to keys, bindings and pending changes
+_RATE_LOCK_CLASS = _LOCK_CLASS + 1  # (class + 1, hashtext(scope)): one rate count at a time
+
+# Used unless the DSN says otherwise. A database that stops answering must turn into an error
+# within seconds rather than hold a thread of the filter's lookup pool (which gives up waiting
+# after keystore.lookup_timeout, but cannot free the thread). A frozen server still holds it:
+# the kernel keeps acknowledging, so no TCP timeout fires and statement_timeout runs in the
+# frozen server itself.
+_CONNECT_DEFAULTS = {
+    "connect_timeout": "5",
+    "application_name": "gpgfilter",
+    "keepalives_idle": "30",
+    "keepalives_interval": "10",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "15000",
+    "options": "-c statement_timeout=10000",
+}
+
+_T = TypeVar("_T")
+_Conn = psycopg.Connection[TupleRow]
+
+
+class PostgresKeyStore:
+    def __init__(self, dsn: str, *, create: bool = False) -> None:
+        try:
+            params = conninfo_to_dict(dsn)
+        except psycopg.Error:
+            # libpq's message may quote the string, password included.
+            raise StoreError("keystore.dsn is not a valid PostgreSQL connection string") from None
+        self.where = _describe(params)
+        for name, value in _CONNECT_DEFAULTS.items():
+            params.setdefault(name, value)
+        self._conninfo = make_conninfo("", **params)
+        self._lock = threading.Lock()
+        self._conn: _Conn | None = None
+        with self._lock:
+            try:
+                self._connect(create=create)
+            except psycopg.Error as error:
+                kind = _error_kind(error)
+                raise kind(f"cannot open key store {self.where}: {_message(error)}") from None
+
+    # -- connection handling -------------------------------------------------------------
+    def _connect(self, *, create: bool) -> _Conn:
+        conn = psycopg.connect(self._conninfo, autocommit=True)
+        try:
+            _migrate(conn, create=create, where=self.where)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+        return conn
+
+    def _connection(self) -> _Conn:
+        if self._conn is None or self._conn.closed:
+            return self._connect(create=False)
+        return self._conn
+
+    def _drop_if_broken(self) -> bool:
+        """Forget a connection that can no longer be used; True when there was one."""
+        conn = self._conn
+        if conn is not None and (conn.broken or conn.closed):
+            conn.close()
+            self._conn = None
+            return True
+        return False
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def _read(self, what: str, sql: LiteralString, params: Sequence[Any]) -> list[TupleRow]:
+        with self._lock:
+            retry = True
+            while True:
+                reused = self._conn is not None
+                try:
+                    return self._connection().execute(sql, params).fetchall()
+                except psycopg.Error as error:
+                    if self._drop_if_broken() and reused and retry:
+                        retry = False
+                        continue
+                    kind = _error_kind(error)
+                    raise kind(f"key store {what} failed: {_message(error)}") from None
+
+    def _transaction(self, work: Callable[[_Conn], _T]) -> _T:
+        with self._lock:
+            try:
+                conn = self._connection()
+                with conn.transaction():
+                    return work(conn)
+            except psycopg.Error as error:
+                self._drop_if_broken()
+                raise StoreError(f"key store update failed: {_message(error)}") from None
+
+    # -- queries -------------------------------------------------------------------------
+    def keys_for(self, address: str) -> list[StoredKey]:
+        rows = self._read(
+            "lookup",
+            "SELECT k.fingerprint, k.key_data, k.expires, k.encryption_keys, k.user_ids,"
+            " k.revoked FROM bindings b JOIN keys k USING (fingerprint)"
+            ' WHERE b.address = %s ORDER BY b.created, k.fingerprint COLLATE "C"',
+            (address,),
+        )
+        return [_row_to_key(row) for row in rows]
+
+    def key(self, fingerprint: str) -> StoredKey | None:
+        rows = self._read(
+            "lookup",
+            "SELECT fingerprint, key_data, expires, encryption_keys, user_ids, revoked FROM keys"
+            " WHERE fingerprint = %s",
+            (fingerprint.upper(),),
+        )
+        return _row_to_key(rows[0]) if rows else None
+
+    def bindings(self) -> list[Binding]:
+        rows = self._read(
+            "listing",
+            "SELECT b.address, b.created, k.fingerprint, k.key_data, k.expires,"
+            " k.encryption_keys, k.user_ids, k.revoked FROM bindings b"
+            " JOIN keys k USING (fingerprint)"
+            ' ORDER BY b.address COLLATE "C", k.fingerprint COLLATE "C"',
+            (),
+        )
+        return [Binding(row[0], _row_to_key(row[2:]), row[1]) for row in rows]
+
+    def bind(self, address: str, key: StoredKey, *, replace: bool = True) -> None:
+        now = int(time.time())
+
+        def work(conn: _Conn) -> None:
+            _lock_registry(conn)
+            conn.execute(
+                "INSERT INTO keys (fingerprint, key_data, expires, encryption_keys, user_ids,"
+                " updated) VALUES (%s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (fingerprint) DO UPDATE SET key_data = excluded.key_data,"
+                " expires = excluded.expires, encryption_keys = excluded.encryption_keys,"
+                " user_ids = excluded.user_ids, updated = excluded.updated",
+                (*_key_columns(key), now),
+            )
+            # A change landed: tokens issued against the former state are void.
+            conn.execute("DELETE FROM pending WHERE address = %s", (address,))
+            if replace:
+                conn.execute(
+                    "DELETE FROM bindings WHERE address = %s AND fingerprint <> %s",
+                    (address, key.fingerprint),
+                )
+            conn.execute(
+                "INSERT INTO bindings (address, fingerprint, created) VALUES (%s, %s, %s)"
+                " ON CONFLICT DO NOTHING",
+                (address, key.fingerprint, now),
+            )
+            _delete_unbound(conn)
+
+        self._transaction(work)
+
+    def revoke(self, fingerprint: str) -> int:
+        def work(conn: _Conn) -> int:
+            _lock_registry(conn)
+            conn.execute(
+                "UPDATE keys SET revoked = true, updated = %s WHERE fingerprint = %s",
+                (int(time.time()), fingerprint),
+            )
+            conn.execute(
+                "DELETE FROM pending WHERE address IN"
+                " (SELECT address FROM bindings WHERE fingerprint = %s)",
+                (fingerprint,),
+            )
+            row = conn.execute(
+                "SELECT count(*) FROM bindings WHERE fingerprint = %s", (fingerprint,)
+            ).fetchone()
+            return int(row[0]) if row else 0
+
+        return self._transaction(work)
+
+    def remove(self, address_or_fingerprint: str) -> int:
+        def work(conn: _Conn) -> int:
+            _lock_registry(conn)
+            conn.execute(
+                "DELETE FROM pending WHERE address IN (SELECT address FROM bindings"
+                " WHERE address = %s OR fingerprint = %s)",
+                (address_or_fingerprint.lower(), address_or_fingerprint.upper()),
+            )
+            cursor = conn.execute(
+                "DELETE FROM bindings WHERE address = %s OR fingerprint = %s",
+                (address_or_fingerprint.lower(), address_or_fingerprint.upper()),
+            )
+            removed = cursor.rowcount
+            _delete_unbound(conn)
+            return removed
+
+        return self._transaction(work)
+
+    # -- registration ----------------------------------------------------------------------
+    def add_pending(self, pending: PendingChange) -> None:
+        def work(conn: _Conn) -> None:
+            _lock_registry(conn)
+            conn.execute(
+                "DELETE FROM pending WHERE address = %s AND fingerprint = %s",
+                (pending.address, pending.key.fingerprint),
+            )
+            conn.execute(
+                "INSERT INTO pending (token_hash, address, fingerprint, key_data, expires_key,"
+                " encryption_keys, user_ids, created, expires, origin)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                (
+                    pending.token_hash,
+                    pending.address,
+                    *_key_columns(pending.key),
+                    pending.created,
+                    pending.expires,
+                    pending.origin,
+                ),
+            )
+
+        self._transaction(work)
+
+    def take_pending(self, token_hash: str, now: int) -> PendingChange | None:
+        # One statement: of two hosts taking the same token at once, exactly one gets the row.
+        def work(conn: _Conn) -> TupleRow | None:
+            return conn.execute(
+                "DELETE FROM pending WHERE token_hash = %s RETURNING " + _PENDING_COLUMNS,  # noqa: S608
+                (token_hash,),
+            ).fetchone()
+
+        row = self._transaction(work)
+        if row is None:
+            return None
+        pending = _row_to_pending(row)
+        return pending if pending.expires > now else None
+
+    def pending_for(self, address: str, now: int) -> list[PendingChange]:
+        rows = self._read(
+            "lookup",
+            "SELECT " + _PENDING_COLUMNS + " FROM pending"  # noqa: S608
+            " WHERE address = %s AND expires > %s ORDER BY created, token_hash",
+            (address, now),
+        )
+        return [_row_to_pending(row) for row in rows]
+
+    def purge_pending(self, now: int) -> int:
+        def work(conn: _Conn) -> int:
+            return conn.execute("DELETE FROM pending WHERE expires <= %s", (now,)).rowcount
+
+        return self._transaction(work)
+
+    def record_audit(self, entry: AuditEntry) -> None:
+        def work(conn: _Conn) -> None:
+            conn.execute(
+                "INSERT INTO audit (at, address, action, fingerprint, actor)"
+                " VALUES (%s, %s, %s, %s, %s)",
+                (entry.at, entry.address, entry.action, entry.fingerprint, entry.actor),
+            )
+
+        self._transaction(work)
+
+    def audit_log(self, address: str | None = None, limit: int = 100) -> list[AuditEntry]:
+        columns = "SELECT at, address, action, fingerprint, actor FROM audit"
+        order = " ORDER BY at DESC, id DESC LIMIT %s"
+        if address is None:
+            rows = self._read("lookup", columns + order, (limit,))
+        else:
+            rows = self._read("lookup", columns + " WHERE address = %s" + order, (address, limit))
+        return [AuditEntry(*row) for row in rows]
+
+    def hit(self, scope: str, now: int, window: int) -> int:
+        # Serialised per scope, so two hosts counting at once both see each other's event.
+        def work(conn: _Conn) -> int:
+            conn.execute(
+                "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_RATE_LOCK_CLASS, scope)
+            )
+            conn.execute("DELETE FROM events WHERE scope = %s AND at <= %s", (scope, now - window))
+            conn.execute("INSERT INTO events (scope, at) VALUES (%s, %s)", (scope, now))
+            row = conn.execute("SELECT count(*) FROM events WHERE scope = %s", (scope,)).fetchone()
+            return int(row[0]) if row else 0
+
+        return self._transaction(work)
+
+    def mark_notice(self, fingerprint: str, kind: str) -> bool:
+        def work(conn: _Conn) -> int:
+            return conn.execute(
+                "INSERT INTO notices (fingerprint, kind, sent) VALUES (%s, %s, %s)"
+                " ON CONFLICT DO NOTHING",
+                (fingerprint, kind, int(time.time())),
+            ).rowcount
+
+        return self._transaction(work) == 1
+
+
+def _migrate(conn: _Conn, *, create: bool, where: str) -> None:
+    """Bring the schema up to date in one transaction, or refuse a store that is not ours,
+    or newer than this program. Only ``create`` may start from an empty database."""
+    with conn.transaction():
+        # A long upgrade on another host is waited for, not mistaken for a dead database.
+        conn.execute("SET LOCAL statement_timeout = '5min'")
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+        current = _schema_version(conn)
+        if current is None:
+            if not create:
+                raise StoreError(f"{where} is not a gpgfilter key store (no schema version)")
+            current = 0
+        if current > SCHEMA_VERSION:
+            raise newer_schema(where, current, SCHEMA_VERSION)
+        if current == SCHEMA_VERSION:
+            return
+        for script in _MIGRATIONS[current:]:
+            conn.execute(script)
+        conn.execute(
+            "INSERT INTO meta (key, value) VALUES ('schema_version', %s)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (str(SCHEMA_VERSION),),
+        )
+
+
+def _schema_version(conn: _Conn) -> int | None:
+    """The recorded schema version; None for a database without gpgfilter's tables."""
+    row = conn.execute("SELECT to_regclass('meta') IS NOT NULL").fetchone()
+    if not row or not row[0]:
+        return None
+    row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    return int(row[0]) if row else None
+
+
+def _lock_registry(conn: _Conn) -> None:
+    """Serialise changes to keys, bindings and pending changes across hosts: with two hosts
+    replacing an address's key at once, one must see the other's binding to drop it."""
+    conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (_LOCK_CLASS, _REGISTRY_LOCK))
+
+
+def _delete_unbound(conn: _Conn) -> None:
+    conn.execute(
+        "DELETE FROM keys k WHERE NOT EXISTS"
+        " (SELECT 1 FROM bindings b WHERE b.fingerprint = k.fingerprint)"
+    )
+
+
+def _describe(params: dict[str, Any]) -> str:
+    """Name the database for messages: never the password, whatever the DSN holds."""
+    dbname = params.get("dbname") or params.get("user") or "(default database)"
+    host = params.get("host") or params.get("hostaddr") or "(default host)"
+    port = params.get("port")
+    return f"postgresql {dbname} on {host}" + (f":{port}" if port else "")
+
+
+def _error_kind(error: psycopg.Error) -> type[StoreError]:
+    """Connection failures and timeouts mean the database did not answer; anything else
+    (a missing table, a refused statement) means it answered and something is wrong."""
+    return StoreUnavailable if isinstance(error, psycopg.OperationalError) else StoreError
+
+
+def _message(error: psycopg.Error) -> str:
+    """The first line of a database error (libpq adds hints and context on further lines)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+_PENDING_COLUMNS: LiteralString = (
+    "fingerprint, key_data, expires_key, encryption_keys, user_ids, false,"
+    " token_hash, address, created, expires, origin"
+)
+
+
+def _key_columns(key: StoredKey) -> tuple[object, ...]:
+    return (
+        key.fingerprint,
+        key.key_data,
+        key.expires,
+        Jsonb([[k.fingerprint, k.expires] for k in key.encryption_keys]),
+        Jsonb(list(key.user_ids)),
+    )
+
+
+def _row_to_pending(row: TupleRow) -> PendingChange:
+    token_hash, address, created, expires, origin = row[6:]
+    assert isinstance(token_hash, str) and isinstance(address, str) and isinstance(origin, str)
+    assert isinstance(created, int) and isinstance(expires, int)
+    return PendingChange(token_hash, address, _row_to_key(row[:6]), created, expires, origin)
+
+
+def _row_to_key(row: TupleRow) -> StoredKey:
+    fingerprint, key_data, expires, encryption_keys, user_ids, revoked = row
+    assert isinstance(fingerprint, str) and isinstance(key_data, bytes)
+    assert isinstance(encryption_keys, list) and isinstance(user_ids, list)
+    return StoredKey(
+        fingerprint=fingerprint,
+        key_data=key_data,
+        expires=expires if isinstance(expires, int) else None,
+        encryption_keys=tuple(EncryptionKey(f, e) for f, e in encryption_keys),
+        user_ids=tuple(user_ids),
+        revoked=bool(revoked),
+    )

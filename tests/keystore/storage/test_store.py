@@ -1,0 +1,78 @@
+"""The registration side of the store (each backend): single-use tokens, audit trail, rate
+counts, notices."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from keystore.model import AuditEntry, PendingChange
+from keystore.storage.sqlite import SCHEMA_VERSION, SQLiteKeyStore
+from keystore.store import KeyStore, StoreError
+from keystore.validate import validate_key
+from tests.support.openpgp_tools import TestKey
+
+
+def _pending(alice: TestKey, token_hash: str, *, expires: int = 2000) -> PendingChange:
+    key = validate_key(alice.public).key
+    return PendingChange(token_hash, "alice@example.test", key, 1000, expires, "web")
+
+
+def test_a_token_works_once_and_not_after_it_expired(store: KeyStore, alice: TestKey) -> None:
+    store.add_pending(_pending(alice, "a" * 64))
+    assert [p.token_hash for p in store.pending_for("alice@example.test", 1500)] == ["a" * 64]
+    taken = store.take_pending("a" * 64, 1500)
+    assert taken is not None and taken.key.fingerprint == alice.fingerprint
+    assert taken.key.key_data == validate_key(alice.public).key.key_data
+    assert store.take_pending("a" * 64, 1500) is None  # single use
+
+    store.add_pending(_pending(alice, "b" * 64))
+    assert store.pending_for("alice@example.test", 2500) == []
+    assert store.take_pending("b" * 64, 2500) is None  # expired, and now gone
+    assert store.take_pending("b" * 64, 1500) is None
+
+
+def test_a_new_upload_of_the_same_key_replaces_the_pending_one(
+    store: KeyStore, alice: TestKey
+) -> None:
+    store.add_pending(_pending(alice, "a" * 64))
+    store.add_pending(_pending(alice, "b" * 64))
+    assert store.take_pending("a" * 64, 1500) is None
+    assert store.take_pending("b" * 64, 1500) is not None
+    store.add_pending(_pending(alice, "c" * 64, expires=1100))
+    assert store.purge_pending(1200) == 1
+
+
+def test_audit_rate_counts_and_notices(store: KeyStore) -> None:
+    store.record_audit(AuditEntry(1, "a@x.test", "registered", "F1", "self-service"))
+    store.record_audit(AuditEntry(2, "b@x.test", "registered", "F2", "admin-api"))
+    store.record_audit(AuditEntry(3, "a@x.test", "withdrawn", "F1", "self-service"))
+    assert [e.action for e in store.audit_log("a@x.test")] == ["withdrawn", "registered"]
+    assert [e.at for e in store.audit_log()] == [3, 2, 1]
+
+    assert [store.hit("client:1", t, 60) for t in (100, 110, 120)] == [1, 2, 3]
+    assert store.hit("client:1", 175, 60) == 2  # 100 and 110 fell out of the window
+    assert store.hit("client:2", 175, 60) == 1
+
+    assert store.mark_notice("F1", "expiring")
+    assert not store.mark_notice("F1", "expiring")
+    assert store.mark_notice("F1", "expired")
+
+
+def test_an_older_sqlite_store_is_upgraded_and_a_newer_one_refused(tmp_path: Path) -> None:
+    path = tmp_path / "k.sqlite"
+    SQLiteKeyStore(path, create=True).close()
+    with sqlite3.connect(path) as conn:
+        for table in ("pending", "audit", "events", "notices"):  # what version 1 lacked
+            conn.execute(f"DROP TABLE {table}")
+        conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    store = SQLiteKeyStore(path)
+    assert store.pending_for("a@x.test", 0) == []
+    store.close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT value FROM meta").fetchone() == (str(SCHEMA_VERSION),)
+        conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    with pytest.raises(StoreError, match="newer than this"):
+        SQLiteKeyStore(path)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import shlex
 import sys
 from datetime import UTC, datetime
@@ -15,21 +14,11 @@ from gpgfilter import setup as setup_module
 from gpgfilter.config import Config, ConfigError, load
 from gpgfilter.doctor import run_checks
 from gpgfilter.engine import EngineError
+from gpgfilter.logsafe import setup_logging
 from gpgfilter.service import run
 from keystore.open import open_store
 from keystore.store import KeyStore, StoreError
 from keystore.validate import KeyRejected, KeyRevoked, validate_key
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # python-gnupg logs the data it handles (keys included) at DEBUG; aiosmtpd logs commands.
-    logging.getLogger("gnupg").setLevel(logging.WARNING)
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
 
 
 def _load(ctx: click.Context, overrides: dict[str, Any] | None = None) -> Config:

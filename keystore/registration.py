@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from keystore.gpgbound import ValidationSlots
 from keystore.model import AuditEntry, PendingChange, StoredKey
 from keystore.ratelimit import RateLimiter
 from keystore.store import KeyStore
@@ -129,6 +130,7 @@ class Registry:
         self.policy = policy
         self.limiter = limiter
         self.clock = clock
+        self.gpg_slots = ValidationSlots()  # gpg work at once, beside the mail's encryption
 
     # -- self-service ------------------------------------------------------------------------
     async def upload(self, address: str, data: bytes) -> Outcome:
@@ -219,15 +221,16 @@ class Registry:
         return Status(address, key.fingerprint, key.expires, key.revoked, waiting)
 
     async def _validate(self, data: bytes, address: str, *, require_uid: bool) -> ValidatedKey:
-        return await asyncio.to_thread(
-            validate_key,
-            data,
-            address=address,
-            require_uid=require_uid,
-            min_valid_days=self.policy.min_valid_days,
-            max_bytes=self.policy.max_key_bytes,
-            gpg_binary=self.policy.gpg_binary,
-        )
+        async with self.gpg_slots.hold():
+            return await asyncio.to_thread(
+                validate_key,
+                data,
+                address=address,
+                require_uid=require_uid,
+                min_valid_days=self.policy.min_valid_days,
+                max_bytes=self.policy.max_key_bytes,
+                gpg_binary=self.policy.gpg_binary,
+            )
 
     # -- administrator ---------------------------------------------------------------------
     async def admin_bind(self, address: str, data: bytes) -> Outcome:
@@ -327,9 +330,10 @@ class Registry:
             if key.revoked:
                 continue
             try:
-                revokes = await asyncio.to_thread(
-                    check_revocation, data, key, gpg_binary=self.policy.gpg_binary
-                )
+                async with self.gpg_slots.hold():
+                    revokes = await asyncio.to_thread(
+                        check_revocation, data, key, gpg_binary=self.policy.gpg_binary
+                    )
             except KeyRejected:  # not for this key (or forged): try the address's others
                 continue
             if revokes:

@@ -4,7 +4,8 @@ Checking an upload runs gpg, which verifies every signature left after the packe
 cleaning. That is bounded per upload (keystore.sanitize caps what gpg sees), and here in two
 more ways: how many validations run at once (the rest wait briefly, then get 503 with
 Retry-After) and how much CPU and time each gpg process may take (it is killed past that, and
-the upload is refused with the reason).
+the upload is refused with the reason). Those gpg processes also run at a lower priority than
+the filter's, so mail goes first when both want the CPU.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import gnupg
 
 GPG_CPU_SECONDS = 5  # a key gpg cannot check in this much CPU time is no key in use
 GPG_WALL_SECONDS = 20  # the same bound on a loaded machine, and on a gpg that hangs
+GPG_NICENESS = 10
 
 
 class Busy(Exception):
@@ -83,6 +85,8 @@ class BoundedGPG(gnupg.GPG):  # type: ignore[misc]
             cpu = (GPG_CPU_SECONDS, GPG_CPU_SECONDS + 1)  # SIGXCPU, then SIGKILL
             resource.prlimit(process.pid, resource.RLIMIT_CPU, cpu)
             resource.prlimit(process.pid, resource.RLIMIT_CORE, (0, 0))
+            # The filter's own gpg (the mail) goes first when both want the CPU.
+            os.setpriority(os.PRIO_PROCESS, process.pid, GPG_NICENESS)
         return process
 
     def _collect_output(

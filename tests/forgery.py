@@ -107,3 +107,22 @@ def _creation_time_offset(area: bytes) -> int:
             return pos + 1
         pos += length
     raise ValueError("no creation time subpacket")
+
+
+def forged_user_ids(binary_key: bytes, user_ids: int, count: int) -> bytes:
+    """``binary_key`` plus ``user_ids`` made-up user IDs, each carrying ``count`` forged
+    self-signatures (copies of the first user ID's, re-dated and re-hashed for the new user
+    ID): the most gpg verification one upload can ask for under the packet-level caps."""
+    packets = _packets(binary_key)
+    primary = packets[0].body
+    uid_index = next(i for i, p in enumerate(packets) if p.tag == 13)
+    template = packets[uid_index + 1].body
+    extra: list[bytes] = []
+    for n in range(user_ids):
+        uid = _frame(13, f"Forged {n} <forged{n}@example.test>".encode())
+        fake = _frame(6, primary) + uid + _frame(2, template)
+        forged = forged_self_signatures(fake, count)[len(fake) :]  # the forgeries only
+        extra.append(uid + forged)
+    head = b"".join(_frame(p.tag, p.body) for p in packets[: uid_index + 2])
+    tail = b"".join(_frame(p.tag, p.body) for p in packets[uid_index + 2 :])
+    return head + b"".join(extra) + tail

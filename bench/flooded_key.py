@@ -5,7 +5,9 @@ cut out at the packet level before gpg reads the key.
     .venv/bin/python bench/flooded_key.py [--counts 1500 5000] [--runs 5]
 
 Prints, per flood size: the upload size, the median (and min/max) time of validate_key, the
-time of the packet-level strip alone, and the stored key's size.
+time of the packet-level strip alone, and the stored key's size. Then the same for forged
+"self-signatures" (copies of the user ID's, re-dated, which gpg would have to verify one by
+one): up to the per-component cap they are trimmed, past it refused before gpg runs.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from keystore.sanitize import strip_key
-from keystore.validate import decode_keyblock, validate_key
+from keystore.validate import KeyRejected, decode_keyblock, validate_key
+from tests.support.forgery import forged_self_signatures, forged_user_ids
 from tests.support.openpgp_tools import KeyFactory
 
 
@@ -62,6 +65,20 @@ def main() -> None:
                 f" (min {min(times) * 1000:.1f}, max {max(times) * 1000:.1f}, {args.runs} runs);"
                 f" packet strip alone {strip * 1000:5.1f} ms; stored {stored} bytes"
             )
+        binary = decode_keyblock(key.public)
+        for label, forged in (
+            ("forged self-signatures: 90", forged_self_signatures(binary, 90, newer=False)),
+            ("forged self-signatures: 7000", forged_self_signatures(binary, 7000)),
+            ("63 user IDs x 100 forged", forged_user_ids(binary, 63, 100)),
+        ):
+            started = time.perf_counter()
+            try:
+                validate_key(forged)
+                verdict = "accepted (the genuine self-signature is the newest)"
+            except KeyRejected as error:
+                verdict = f"refused: {str(error)[:60]}"
+            took = (time.perf_counter() - started) * 1000
+            print(f"{label:>30}: {len(forged) / 1024:7.1f} KiB; {took:7.1f} ms; {verdict}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""Rate limits kept in the store, so they hold across restarts and across several servers."""
+"""Rate limits kept in the store, so they hold across restarts and across several servers.
+
+A request over the limit writes nothing, and old events are pruned, so a flood from one client
+costs at most ``limit`` rows and a stream of one-off clients leaves nothing behind.
+"""
 
 from __future__ import annotations
 
@@ -42,7 +46,7 @@ class RateLimiter:
 
     async def _check(self, kind: str, value: str, limit: int) -> None:
         now = int(self.clock())
-        count = await asyncio.to_thread(self.store.hit, f"{kind}:{value}", now, self.window)
+        count = await asyncio.to_thread(self.store.hit, f"{kind}:{value}", now, self.window, limit)
         if count > limit:
             # The window slides: the oldest counted request leaves it at the latest then.
             raise RateLimited(kind, self.window)

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from keystore.gpgbound import ValidationSlots
 from keystore.model import AuditEntry, PendingChange, StoredKey
 from keystore.ratelimit import RateLimiter
 from keystore.store import KeyStore
@@ -168,6 +169,7 @@ class Registry:
         # Merge and store one update at a time: two merges from the same stored copy would
         # otherwise each drop what the other added.
         self._updating = asyncio.Lock()
+        self.gpg_slots = ValidationSlots()  # gpg work at once, beside the mail's encryption
 
     def _address(self, address: str) -> str:
         return served_address(address, self.domains, self.delimiters)
@@ -279,15 +281,16 @@ class Registry:
         return Status(address, key.fingerprint, key.expires, key.revoked, waiting)
 
     async def _validate(self, data: bytes, address: str, *, require_uid: bool) -> ValidatedKey:
-        return await asyncio.to_thread(
-            validate_key,
-            data,
-            address=address,
-            require_uid=require_uid,
-            min_valid_days=self.policy.min_valid_days,
-            max_bytes=self.policy.max_key_bytes,
-            gpg_binary=self.policy.gpg_binary,
-        )
+        async with self.gpg_slots.hold():
+            return await asyncio.to_thread(
+                validate_key,
+                data,
+                address=address,
+                require_uid=require_uid,
+                min_valid_days=self.policy.min_valid_days,
+                max_bytes=self.policy.max_key_bytes,
+                gpg_binary=self.policy.gpg_binary,
+            )
 
     # -- administrator ---------------------------------------------------------------------
     async def admin_bind(self, address: str, data: bytes) -> Outcome:
@@ -447,9 +450,10 @@ class Registry:
             if key.revoked:
                 continue
             try:
-                revokes = await asyncio.to_thread(
-                    check_revocation, data, key, gpg_binary=self.policy.gpg_binary
-                )
+                async with self.gpg_slots.hold():
+                    revokes = await asyncio.to_thread(
+                        check_revocation, data, key, gpg_binary=self.policy.gpg_binary
+                    )
             except KeyRejected:  # not for this key (or forged): try the address's others
                 continue
             if revokes:

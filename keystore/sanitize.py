@@ -5,7 +5,10 @@ keyserver flood): gpg keeps them all on a plain import, and PGPy needs seconds t
 Which key made a signature needs no cryptography — its issuer subpacket names it — so the flood
 is cut out here, with our own packet framing, in a few milliseconds. We keep only what the
 primary key itself claims to have issued; gpg then verifies those claims, so a forged
-"self-signature" survives this step but not the import that follows.
+"self-signature" survives this step but not the import that follows. Verifying costs gpg about
+a millisecond per signature, and anybody can forge thousands of "self-signatures" on a public
+key, so each component (the primary key, each user ID, each subkey) keeps only its newest few,
+and a key with absurdly many user IDs or subkeys is refused.
 
 Nothing here trusts the data: every malformed structure is an ``UnfitKey`` with a message meant
 for the person who uploaded it, and no message ever quotes the data.
@@ -15,11 +18,20 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from keystore import packets as openpgp
 
 SIG_KEY_REVOCATION = 0x20
+_REVOCATIONS = frozenset({SIG_KEY_REVOCATION, 0x28, 0x30})  # key, subkey, certification
+# What gpg sees of one upload. gpg's minimal export keeps only the newest self-signature of
+# each component, and a revocation is always the newest, so a few per component lose nothing
+# real; the component counts are far above any key in use (gpg itself warns past a dozen).
+MAX_SIGNATURES_PER_COMPONENT = 4
+MAX_SIGNATURES_SEEN = 100  # more on one component is no key in use: refused, with the reason
+MAX_USER_IDS = 64
+MAX_SUBKEYS = 64
+_SUBPACKET_CREATION_TIME = 2
 _SUBPACKET_ISSUER_KEY_ID = 16
 _SUBPACKET_ISSUER_FINGERPRINT = 33
 # Packets that mean nothing in an uploaded key (keyring trust, marker, RFC 9580 padding):
@@ -39,6 +51,7 @@ class Signature:
     sig_type: int
     issuer_fingerprints: frozenset[str]  # upper-case hex, from issuer fingerprint subpackets
     issuer_key_ids: frozenset[str]  # 16 upper-case hex digits, from issuer key ID subpackets
+    created: int = 0  # the claimed creation time (hashed subpacket), 0 when absent
 
     def claims_issuer(self, fingerprint: str) -> bool:
         """True when the signature names ``fingerprint`` as its issuer and no other key.
@@ -57,6 +70,17 @@ class StrippedKey:
     data: bytes  # the kept packets, byte for byte as uploaded
     dropped_signatures: int  # third-party or unattributable signatures
     dropped_attributes: int  # user attribute packets (photo IDs)
+    trimmed_signatures: int = 0  # self-signatures over MAX_SIGNATURES_PER_COMPONENT
+
+
+@dataclass(slots=True)
+class _Component:
+    """The primary key, a user ID or a subkey, and the self-signatures that follow it (each
+    with its rank: revocation first, then newest)."""
+
+    name: str
+    packet: bytes
+    signatures: list[tuple[tuple[bool, int], bytes]] = field(default_factory=list)
 
 
 def v4_fingerprint(body: bytes) -> str:
@@ -75,14 +99,16 @@ def parse_signature(body: bytes) -> Signature | None:
         # RFC 4880 5.2.2: version, 5, type, time(4), key ID(8), algorithms, hash prefix.
         if len(body) < 19 or body[1] != 5:
             return None
-        return Signature(3, body[2], frozenset(), frozenset({body[7:15].hex().upper()}))
+        created = int.from_bytes(body[3:7], "big")
+        return Signature(3, body[2], frozenset(), frozenset({body[7:15].hex().upper()}), created)
     if version not in (4, 6):
         return None
     width = 2 if version == 4 else 4  # RFC 9580 widened the subpacket area lengths
     pos = 4
     fingerprints: set[str] = set()
     key_ids: set[str] = set()
-    for _area in ("hashed", "unhashed"):
+    created = 0
+    for area in ("hashed", "unhashed"):
         if pos + width > len(body):
             return None
         length = int.from_bytes(body[pos : pos + width], "big")
@@ -95,10 +121,12 @@ def parse_signature(body: bytes) -> Signature | None:
                     fingerprints.add(value[1:].hex().upper())
                 elif kind == _SUBPACKET_ISSUER_KEY_ID and len(value) == 8:
                     key_ids.add(value.hex().upper())
+                elif kind == _SUBPACKET_CREATION_TIME and len(value) == 4 and area == "hashed":
+                    created = int.from_bytes(value, "big")
         except UnfitKey:
             return None
         pos += length
-    return Signature(version, body[1], frozenset(fingerprints), frozenset(key_ids))
+    return Signature(version, body[1], frozenset(fingerprints), frozenset(key_ids), created)
 
 
 def _subpackets(area: bytes) -> Iterator[tuple[int, bytes]]:
@@ -130,6 +158,9 @@ def strip_key(binary: bytes) -> StrippedKey:
     issuer. Dropped: every other signature (third-party certifications; also direct-key
     revocations by designated revokers, which cannot be verified without the revoker's key),
     user attributes (photo IDs) with their signatures, and keyring trust or marker packets.
+    Of the self-signatures of each component only the newest MAX_SIGNATURES_PER_COMPONENT
+    stay (revocations first); more than MAX_USER_IDS user IDs or MAX_SUBKEYS subkeys is an
+    ``UnfitKey``.
     """
     try:
         spans = list(openpgp.iter_spans(binary))
@@ -155,8 +186,10 @@ def strip_key(binary: bytes) -> StrippedKey:
     if body[0] != 4:
         raise UnfitKey("only OpenPGP v4 keys are supported")
     fingerprint = v4_fingerprint(body)
+    _check_counts(meaningful)
 
-    kept: list[bytes] = [binary[primary.start : primary.end]]
+    components = [_Component("the primary key", binary[primary.start : primary.end])]
+    counts = {openpgp.TAG_USER_ID: 0, openpgp.TAG_PUBLIC_SUBKEY: 0}
     dropped_signatures = dropped_attributes = 0
     in_attribute = False
     for span in meaningful[1:]:
@@ -164,7 +197,10 @@ def strip_key(binary: bytes) -> StrippedKey:
             raise UnfitKey(f"malformed key: packet of type {span.tag} uses partial lengths")
         if span.tag in (openpgp.TAG_USER_ID, openpgp.TAG_PUBLIC_SUBKEY):
             in_attribute = False
-            kept.append(binary[span.start : span.end])
+            counts[span.tag] += 1
+            kind = "user ID" if span.tag == openpgp.TAG_USER_ID else "subkey"
+            name = f"{kind} number {counts[span.tag]}"
+            components.append(_Component(name, binary[span.start : span.end]))
         elif span.tag == openpgp.TAG_USER_ATTRIBUTE:
             in_attribute = True
             dropped_attributes += 1
@@ -173,10 +209,44 @@ def strip_key(binary: bytes) -> StrippedKey:
             if in_attribute or signature is None or not signature.claims_issuer(fingerprint):
                 dropped_signatures += 1
             else:
-                kept.append(binary[span.start : span.end])
+                rank = (signature.sig_type in _REVOCATIONS, signature.created)
+                components[-1].signatures.append((rank, binary[span.start : span.end]))
         else:
             raise UnfitKey(f"unexpected OpenPGP packet (type {span.tag}) in a public key")
-    return StrippedKey(fingerprint, b"".join(kept), dropped_signatures, dropped_attributes)
+    kept: list[bytes] = []
+    trimmed = 0
+    for component in components:
+        signatures = component.signatures
+        if len(signatures) > MAX_SIGNATURES_SEEN:
+            raise UnfitKey(
+                f"{component.name} carries {len(signatures)} signatures"
+                f" that claim to be its own; a key in use has a few (at most"
+                f" {MAX_SIGNATURES_SEEN} are read): export it with"
+                " `gpg --export-options export-minimal --export` and upload that"
+            )
+        kept.append(component.packet)
+        newest = _newest(signatures)
+        trimmed += len(signatures) - len(newest)
+        kept.extend(newest)
+    return StrippedKey(fingerprint, b"".join(kept), dropped_signatures, dropped_attributes, trimmed)
+
+
+def _check_counts(spans: list[openpgp.Span]) -> None:
+    user_ids = sum(1 for span in spans if span.tag == openpgp.TAG_USER_ID)
+    if user_ids > MAX_USER_IDS:
+        raise UnfitKey(f"the key has {user_ids} user IDs; at most {MAX_USER_IDS} are accepted")
+    subkeys = sum(1 for span in spans if span.tag == openpgp.TAG_PUBLIC_SUBKEY)
+    if subkeys > MAX_SUBKEYS:
+        raise UnfitKey(f"the key has {subkeys} subkeys; at most {MAX_SUBKEYS} are accepted")
+
+
+def _newest(signatures: list[tuple[tuple[bool, int], bytes]]) -> list[bytes]:
+    """The newest MAX_SIGNATURES_PER_COMPONENT, revocations first, in their original order."""
+    if len(signatures) <= MAX_SIGNATURES_PER_COMPONENT:
+        return [packet for _, packet in signatures]
+    order = sorted(range(len(signatures)), key=lambda i: signatures[i][0], reverse=True)
+    chosen = sorted(order[:MAX_SIGNATURES_PER_COMPONENT])
+    return [signatures[i][1] for i in chosen]
 
 
 def lone_revocation(binary: bytes) -> Signature | None:

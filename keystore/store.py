@@ -7,6 +7,15 @@ from typing import Protocol
 
 from keystore.model import AuditEntry, Binding, PendingChange, StoredKey
 
+PRUNE_EVERY = 60  # seconds between prunings of one kind of rate-limit scope
+
+
+def scope_kind(scope: str) -> tuple[str, str]:
+    """The bounds of the scopes of ``scope``'s kind: ``("client:", "client;")`` for
+    ``"client:192.0.2.1"``; every such scope is >= the first and < the second."""
+    kind = scope.partition(":")[0]
+    return kind + ":", kind + ";"
+
 
 class StoreError(Exception):
     """The store cannot be read or written. The filter defers mail when it sees this: a store
@@ -83,10 +92,14 @@ class KeyStore(Protocol):
         """Newest first."""
         ...
 
-    def hit(self, scope: str, now: int, window: int) -> int:
+    def hit(self, scope: str, now: int, window: int, limit: int) -> int:
         """Count one event under ``scope`` (e.g. ``"address:alice@example.org"``) and return how
-        many that scope had in the last ``window`` seconds, this one included. Shared by every
-        process using the store, so limits hold across restarts and hosts."""
+        many that scope had in the last ``window`` seconds, this one included. When the scope
+        already had ``limit``, nothing is written (a flood adds no rows) and ``limit + 1`` is
+        returned. Events older than the window are pruned for every scope of the same kind
+        (the part before ":", which must always come with the same window), at least every
+        PRUNE_EVERY seconds, so one-off scopes leave nothing behind. Shared by every process
+        using the store, so limits hold across restarts and hosts."""
         ...
 
     def mark_notice(self, fingerprint: str, kind: str) -> bool:

@@ -26,11 +26,10 @@ from email.utils import parseaddr
 from pathlib import Path
 from typing import Any
 
-import gnupg
-
 from keystore import packets as openpgp
 from keystore import sanitize
 from keystore.gpg import GPG_OPTIONS
+from keystore.gpgbound import BoundedGPG
 from keystore.model import EncryptionKey, StoredKey
 
 log = logging.getLogger(__name__)
@@ -398,7 +397,7 @@ class _Homedir:
         path.mkdir(mode=0o700)
         self.path = path
         self.binary = gpg_binary
-        self.gpg = gnupg.GPG(gpgbinary=gpg_binary, gnupghome=str(path), options=GPG_OPTIONS)
+        self.gpg = BoundedGPG(gpgbinary=gpg_binary, gnupghome=str(path), options=GPG_OPTIONS)
         # gpg lists user IDs in UTF-8; python-gnupg's default (latin-1) would garble a
         # non-ASCII address, which then matches no user ID when the key is minimised.
         self.gpg.encoding = "utf-8"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import shlex
 import sys
 from datetime import UTC, datetime
@@ -19,20 +18,10 @@ from gpgfilter.ops.dovecot import DEFAULT_DOVECOT_CONFIG
 from gpgfilter.ops.postfix import DEFAULT_POSTFIX_DIR, Postconf
 from gpgfilter.process.config import Config, ConfigError, load
 from gpgfilter.process.service import run
+from keystore.logsafe import setup_logging
 from keystore.storage.open import open_store
 from keystore.store import KeyStore, StoreError
 from keystore.validate import KeyRejected, KeyRevoked, merge_key, validate_key
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # python-gnupg logs the data it handles (keys included) at DEBUG; aiosmtpd logs commands.
-    logging.getLogger("gnupg").setLevel(logging.WARNING)
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
 
 
 def _load(ctx: click.Context, overrides: dict[str, Any] | None = None) -> Config:

@@ -4,16 +4,21 @@ Everything that decides lives in :mod:`keystore.registration`; this module only 
 Other services (Web Key Directory, ...) add their routes to the application :func:`create_app`
 returns. Tokens only ever travel in POST bodies (or URL fragments, which browsers never send),
 and the access log writes the path without the query, so no token reaches a log.
+
+Anyone can reach this port, so every input is checked before use: a body that is not a JSON
+object in UTF-8, a field of the wrong type, text that cannot be encoded, a control character
+in an address or token, each gets a 4xx with the reason; a client that goes away mid-body
+costs one access-log line. A 500 means a bug of ours.
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
 import hmac
 import ipaddress
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +27,8 @@ from typing import Any
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
+from keystore.gpgbound import Busy
+from keystore.logsafe import escape
 from keystore.ratelimit import RateLimited, RateLimiter
 from keystore.registration import Outcome, Refused, Registry
 from keystore.store import StoreError
@@ -43,6 +50,7 @@ _STATUS = {
     "key-revoked": 422,
     "revocation-unmatched": 422,
     "too-large": 413,
+    "unsupported-charset": 415,
     "nothing-registered": 404,
     "token-invalid": 410,
     "stale": 409,
@@ -67,6 +75,11 @@ _STATIC = {
     "confirm.js": "text/javascript",
     "style.css": "text/css",
 }
+# JSON is UTF-8 (RFC 8259); ASCII is a subset. Any other declared charset is refused.
+_CHARSETS = frozenset({"utf-8", "utf8", "us-ascii", "ascii"})
+_MAX_FIELD = 1024  # characters of an address or token: far above any real one
+_SURROGATE = re.compile("[\ud800-\udfff]")  # JSON can carry them; UTF-8 cannot
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
     "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
@@ -148,11 +161,27 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = _error(429, "rate-limited", str(limited))
         response.headers["Retry-After"] = str(limited.retry_after)
         return response
+    except Busy as busy:
+        response = _error(503, "busy", str(busy))
+        response.headers["Retry-After"] = str(busy.retry_after)
+        return response
     except web.HTTPRequestEntityTooLarge:
         return _too_large(request)
+    except web.HTTPException:
+        raise
     except StoreError as error:
         log.error("key store: %s", error)
         return _error(503, "unavailable", "the key store is unavailable: try again later")
+    except ClientGone:
+        # Nobody reads the answer; the access log still records the request, once.
+        return _error(400, "incomplete", "the request body was cut off")
+    except Exception:
+        log.exception("request %s %s failed", request.method, request.path)
+        return _error(500, "internal", "an internal error: the request changed nothing")
+
+
+class ClientGone(Exception):
+    """The client closed the connection before sending the whole body."""
 
 
 @web.middleware
@@ -209,30 +238,60 @@ async def _body(request: web.Request) -> dict[str, Any]:
         raise web.HTTPRequestEntityTooLarge(
             max_size=request.app[SETTINGS].body_limit, actual_size=length
         )
+    charset = request.charset
+    if charset is not None and charset.lower() not in _CHARSETS:
+        raise Refused("unsupported-charset", "the body must be JSON in UTF-8 (charset=utf-8)")
     try:
-        data = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise Refused("bad-request", "the body must be a JSON object") from None
+        raw = await request.read()
+    except ConnectionError:
+        raise ClientGone from None
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError):  # not UTF-8, not JSON, nested past Python's stack
+        raise Refused("bad-request", "the body must be a JSON object in UTF-8") from None
     if not isinstance(data, dict):
         raise Refused("bad-request", "the body must be a JSON object")
     return data
 
 
 def _text(body: dict[str, Any], name: str) -> str:
-    value = body.get(name)
+    """A short text field (address, token): a non-empty string without control characters."""
+    return checked_text(body.get(name), name)
+
+
+def checked_text(value: object, name: str, *, limit: int = _MAX_FIELD) -> str:
+    """``value`` when it is usable text for the field ``name``, else a 400 saying why."""
     if not isinstance(value, str) or not value:
-        raise Refused("bad-request", f"{name} is missing")
+        raise Refused("bad-request", f"{name} is missing or not a string")
+    if len(value) > limit:
+        raise Refused("bad-request", f"{name} is longer than {limit} characters")
+    if _SURROGATE.search(value):
+        raise Refused("bad-request", f"{name} is not valid Unicode text")
+    if _CONTROL.search(value):
+        raise Refused("bad-request", f"{name} contains control characters")
     return value
 
 
 def _key_bytes(body: dict[str, Any]) -> bytes:
     """The key as text (armored) in ``key``, or in any form base64-encoded in ``key_base64``."""
-    if isinstance(body.get("key_base64"), str):
+    if "key_base64" in body:
+        encoded = body["key_base64"]
+        if not isinstance(encoded, str):
+            raise Refused("bad-request", "key_base64 must be a string")
         try:
-            return base64.b64decode(body["key_base64"], validate=True)
-        except binascii.Error:
+            return base64.b64decode(encoded, validate=True)
+        except ValueError:  # binascii.Error, or characters outside ASCII
             raise Refused("bad-request", "key_base64 is not base64") from None
-    return _text(body, "key").encode("utf-8")
+    value = body.get("key")
+    if not isinstance(value, str) or not value:
+        raise Refused("bad-request", "key (or key_base64) is missing or not a string")
+    if _SURROGATE.search(value):
+        raise Refused("bad-request", "key is not valid Unicode text")
+    return value.encode("utf-8")
+
+
+def _path_address(request: web.Request) -> str:
+    return checked_text(request.match_info["address"], "the address")
 
 
 def _outcome(outcome: Outcome) -> web.Response:
@@ -266,7 +325,7 @@ async def withdraw(request: web.Request) -> web.Response:
 
 
 async def status(request: web.Request) -> web.Response:
-    found = await request.app[REGISTRY].status(request.match_info["address"])
+    found = await request.app[REGISTRY].status(_path_address(request))
     active = None
     if found.fingerprint is not None:
         active = {
@@ -301,12 +360,12 @@ async def admin_bind(request: web.Request) -> web.Response:
     data = _key_bytes(body)
     if len(data) > request.app[SETTINGS].max_key_bytes:
         return _too_large(request)
-    return _outcome(await registry.admin_bind(request.match_info["address"], data))
+    return _outcome(await registry.admin_bind(_path_address(request), data))
 
 
 async def admin_withdraw(request: web.Request) -> web.Response:
     registry = _admin(request)
-    return _outcome(await registry.admin_withdraw(request.match_info["address"]))
+    return _outcome(await registry.admin_withdraw(_path_address(request)))
 
 
 async def admin_audit(request: web.Request) -> web.Response:
@@ -315,7 +374,10 @@ async def admin_audit(request: web.Request) -> web.Response:
         limit = min(int(request.query.get("limit", "100")), 1000)
     except ValueError:
         raise Refused("bad-request", "limit must be a number") from None
-    entries = await registry.audit_log(request.query.get("address"), max(limit, 1))
+    address = request.query.get("address")
+    if address is not None:
+        address = checked_text(address, "address")
+    entries = await registry.audit_log(address, max(limit, 1))
     return web.json_response(
         {
             "entries": [
@@ -363,14 +425,15 @@ async def _openapi(request: web.Request) -> web.StreamResponse:
 
 class PathOnlyAccessLogger(AbstractAccessLogger):
     """One line per request with the path but never the query string, nor any header that
-    could carry a token (Authorization, Referer)."""
+    could carry a token (Authorization, Referer). The path is the client's: escaped and cut
+    here too, whatever formatter the process installed."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         self.logger.info(
             '%s "%s %s" %s %s %.3f',
             request.remote,
-            request.method,
-            request.path,
+            escape(request.method, 32),
+            escape(request.path, 512),
             response.status,
             response.body_length,
             time,

@@ -331,7 +331,8 @@ class WksServer:
         if not any(parseaddr(uid)[1].strip().lower() == sender for uid in key.user_ids):
             raise WksRejected(f"the key has no user ID for {sender}, the sender of the request")
         now = int(self.clock())
-        if self.store.hit(f"wks-request:{sender}", now, 3600) > self.max_requests_per_hour:
+        limit = self.max_requests_per_hour
+        if self.store.hit(f"wks-request:{sender}", now, 3600, limit) > limit:
             raise WksRejected(f"too many key submissions for {sender}; try again in an hour")
         nonce = zbase32(secrets.token_bytes(20))
         request = self._confirmation_request(sender, key, nonce)

@@ -31,7 +31,7 @@ from psycopg.types.json import Jsonb
 
 from keystore.model import AuditEntry, Binding, EncryptionKey, PendingChange, StoredKey
 from keystore.storage.migrations import newer_schema
-from keystore.store import StoreError, StoreUnavailable
+from keystore.store import PRUNE_EVERY, StoreError, StoreUnavailable, scope_kind
 
 # Each entry upgrades the schema by one version, like keystore.storage.sqlite's list (same tables,
 # PostgreSQL types). A store is brought up to date when opened.
@@ -124,6 +124,7 @@ class PostgresKeyStore:
             # libpq's message may quote the string, password included.
             raise StoreError("keystore.dsn is not a valid PostgreSQL connection string") from None
         self.where = _describe(params)
+        self._pruned: dict[str, int] = {}  # scope kind -> when its old events were last pruned
         for name, value in _CONNECT_DEFAULTS.items():
             params.setdefault(name, value)
         self._conninfo = make_conninfo("", **params)
@@ -360,18 +361,31 @@ class PostgresKeyStore:
             rows = self._read("lookup", columns + " WHERE address = %s" + order, (address, limit))
         return [AuditEntry(*row) for row in rows]
 
-    def hit(self, scope: str, now: int, window: int) -> int:
+    def hit(self, scope: str, now: int, window: int, limit: int) -> int:
+        kind, end = scope_kind(scope)
+        prune = now - self._pruned.get(kind, 0) >= PRUNE_EVERY
+
         # Serialised per scope, so two hosts counting at once both see each other's event.
         def work(conn: _Conn) -> int:
             conn.execute(
                 "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_RATE_LOCK_CLASS, scope)
             )
             conn.execute("DELETE FROM events WHERE scope = %s AND at <= %s", (scope, now - window))
-            conn.execute("INSERT INTO events (scope, at) VALUES (%s, %s)", (scope, now))
+            if prune:
+                conn.execute(
+                    "DELETE FROM events WHERE scope >= %s AND scope < %s AND at <= %s",
+                    (kind, end, now - window),
+                )
             row = conn.execute("SELECT count(*) FROM events WHERE scope = %s", (scope,)).fetchone()
-            return int(row[0]) if row else 0
+            count = int(row[0]) if row else 0
+            if count < limit:
+                conn.execute("INSERT INTO events (scope, at) VALUES (%s, %s)", (scope, now))
+            return count + 1
 
-        return self._transaction(work)
+        counted = self._transaction(work)
+        if prune:
+            self._pruned[kind] = now
+        return counted
 
     def mark_notice(self, fingerprint: str, kind: str) -> bool:
         def work(conn: _Conn) -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from keystore.model import AuditEntry, Binding, EncryptionKey, PendingChange, StoredKey
 from keystore.storage.migrations import newer_schema
-from keystore.store import StoreError
+from keystore.store import PRUNE_EVERY, StoreError, scope_kind
 
 # Each entry upgrades the schema by one version; a store is brought up to date when opened.
 _MIGRATIONS = (
@@ -81,6 +81,7 @@ class SQLiteKeyStore:
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self._identity: tuple[int, int] | None = None
+        self._pruned: dict[str, int] = {}  # scope kind -> when its old events were last pruned
         if create and not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             self._connect(create=True)
@@ -330,7 +331,8 @@ class SQLiteKeyStore:
         )
         return [AuditEntry(*row) for row in rows]  # type: ignore[arg-type]
 
-    def hit(self, scope: str, now: int, window: int) -> int:
+    def hit(self, scope: str, now: int, window: int, limit: int) -> int:
+        kind, end = scope_kind(scope)
         with self._lock:
             conn = self._connection()
             try:
@@ -338,13 +340,21 @@ class SQLiteKeyStore:
                     conn.execute(
                         "DELETE FROM events WHERE scope = ? AND at <= ?", (scope, now - window)
                     )
-                    conn.execute("INSERT INTO events (scope, at) VALUES (?, ?)", (scope, now))
+                    if now - self._pruned.get(kind, 0) >= PRUNE_EVERY:
+                        conn.execute(
+                            "DELETE FROM events WHERE scope >= ? AND scope < ? AND at <= ?",
+                            (kind, end, now - window),
+                        )
+                        self._pruned[kind] = now
                     row = conn.execute(
                         "SELECT count(*) FROM events WHERE scope = ?", (scope,)
                     ).fetchone()
+                    count = int(row[0])
+                    if count < limit:
+                        conn.execute("INSERT INTO events (scope, at) VALUES (?, ?)", (scope, now))
             except sqlite3.Error as error:
                 raise StoreError(f"key store update failed: {error}") from error
-        return int(row[0])
+        return count + 1
 
     def mark_notice(self, fingerprint: str, kind: str) -> bool:
         cursor = self._write(

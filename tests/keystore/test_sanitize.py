@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from keystore import packets as openpgp
+from keystore import sanitize
 from keystore.sanitize import StrippedKey, UnfitKey, parse_signature, strip_key
 from keystore.validate import (
     KeyRejected,
@@ -24,6 +25,7 @@ from keystore.validate import (
     looks_like_revocation,
     validate_key,
 )
+from tests.support.forgery import forged_self_signatures
 from tests.support.openpgp_tools import KeyFactory, ListedPacket, TestKey, list_packets
 
 # RFC 9580 appendix A.3: the sample version 6 certificate.
@@ -187,6 +189,46 @@ def test_renewal_newest_self_signature_wins(key_factory: KeyFactory) -> None:
     assert after.expires - before.expires > 700 * _DAY
     assert all(k.expires and k.expires > before.expires + 700 * _DAY for k in after.encryption_keys)
     validate_key(renewed.public, min_valid_days=400)
+
+
+# -- work per upload ----------------------------------------------------------------------------
+
+
+def test_thousands_of_forged_self_signatures_are_refused_before_gpg(alice: TestKey) -> None:
+    """7,000 copies of the user ID's self-signature, dated after it: a plain gpg import spends
+    ~5 s verifying them; the packet-level check refuses them, naming what is wrong."""
+    forged = forged_self_signatures(dearmor(alice.public), 7000)
+    assert len(forged) < 1024 * 1024
+    started = time.perf_counter()
+    with pytest.raises(KeyRejected, match=r"^user ID number 1 carries 7001 signatures that"):
+        validate_key(forged)
+    assert time.perf_counter() - started < 2  # no gpg run at all (a generous bound)
+
+
+def test_only_the_newest_self_signatures_reach_gpg(alice: TestKey) -> None:
+    limit = sanitize.MAX_SIGNATURES_PER_COMPONENT
+    older = forged_self_signatures(dearmor(alice.public), 50, newer=False)
+    stripped = strip_key(older)
+    assert stripped.trimmed_signatures == 50 - limit + 1
+    kept = [p for p in list_packets(stripped.data) if p.sigclass == 0x13]
+    genuine = next(p for p in list_packets(older) if p.sigclass == 0x13)
+    assert len(kept) == limit and kept[0] == genuine  # the newest
+    assert validate_key(older).key.fingerprint == alice.fingerprint
+    # Forgeries dated after the genuine one push it out: the forger's own upload fails.
+    with pytest.raises(KeyRejected, match="gpg could not import the key"):
+        validate_key(forged_self_signatures(dearmor(alice.public), 50))
+
+
+def test_absurd_numbers_of_user_ids_or_subkeys_are_refused(alice: TestKey) -> None:
+    listed = list_packets(dearmor(alice.public))
+    uid = next(p.raw for p in listed if p.tag == openpgp.TAG_USER_ID)
+    subkey = next(p.raw for p in listed if p.tag == openpgp.TAG_PUBLIC_SUBKEY)
+    head = listed[0].raw
+    with pytest.raises(UnfitKey, match=r"^the key has 65 user IDs; at most 64 are accepted$"):
+        strip_key(head + uid * 65)
+    with pytest.raises(UnfitKey, match=r"^the key has 65 subkeys; at most 64 are accepted$"):
+        strip_key(head + uid + subkey * 65)
+    assert strip_key(head + uid * 64 + subkey * 64).data == head + uid * 64 + subkey * 64
 
 
 # -- revocations ------------------------------------------------------------------------------

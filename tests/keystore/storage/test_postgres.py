@@ -56,7 +56,7 @@ def test_a_change_on_one_host_is_seen_on_the_other_at_once(
     assert two.keys_for("alice@example.test")[0].revoked
     assert two.remove("alice@example.test") == 1
     assert one.keys_for("alice@example.test") == []
-    assert [one.hit("client:1", 100, 60), two.hit("client:1", 101, 60)] == [1, 2]
+    assert [one.hit("client:1", 100, 60, 10), two.hit("client:1", 101, 60, 10)] == [1, 2]
     assert one.mark_notice("F1", "expiring") and not two.mark_notice("F1", "expiring")
 
 
@@ -157,7 +157,7 @@ def test_a_stopped_database_is_an_error_until_it_is_back(
         store.bindings,
         lambda: store.bind("alice@example.test", key),
         lambda: store.take_pending("a" * 64, 0),
-        lambda: store.hit("client:1", 0, 60),
+        lambda: store.hit("client:1", 0, 60, 10),
     ):
         with pytest.raises(StoreError) as caught:
             attempt()

@@ -4,13 +4,16 @@ counts, notices."""
 from __future__ import annotations
 
 import sqlite3
+from contextlib import closing
 from pathlib import Path
 
+import psycopg
 import pytest
 
+from gpgfilter.process.config import KeystoreConfig
 from keystore.model import AuditEntry, PendingChange
 from keystore.storage.sqlite import SCHEMA_VERSION, SQLiteKeyStore
-from keystore.store import KeyStore, StoreError
+from keystore.store import PRUNE_EVERY, KeyStore, StoreError
 from keystore.validate import validate_key
 from tests.support.openpgp_tools import TestKey
 
@@ -52,9 +55,9 @@ def test_audit_rate_counts_and_notices(store: KeyStore) -> None:
     assert [e.action for e in store.audit_log("a@x.test")] == ["withdrawn", "registered"]
     assert [e.at for e in store.audit_log()] == [3, 2, 1]
 
-    assert [store.hit("client:1", t, 60) for t in (100, 110, 120)] == [1, 2, 3]
-    assert store.hit("client:1", 175, 60) == 2  # 100 and 110 fell out of the window
-    assert store.hit("client:2", 175, 60) == 1
+    assert [store.hit("client:1", t, 60, 10) for t in (100, 110, 120)] == [1, 2, 3]
+    assert store.hit("client:1", 175, 60, 10) == 2  # 100 and 110 fell out of the window
+    assert store.hit("client:2", 175, 60, 10) == 1
 
     assert store.mark_notice("F1", "expiring")
     assert not store.mark_notice("F1", "expiring")
@@ -76,3 +79,27 @@ def test_an_older_sqlite_store_is_upgraded_and_a_newer_one_refused(tmp_path: Pat
         conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
     with pytest.raises(StoreError, match="newer than this"):
         SQLiteKeyStore(path)
+
+
+def _event_rows(store: KeyStore, config: KeystoreConfig) -> int:
+    if isinstance(store, SQLiteKeyStore):
+        with closing(sqlite3.connect(store.path)) as db:
+            return int(db.execute("SELECT count(*) FROM events").fetchone()[0])
+    with psycopg.connect(config.dsn) as db:
+        row = db.execute("SELECT count(*) FROM events").fetchone()
+        return int(row[0]) if row else 0
+
+
+def test_a_flood_writes_at_most_the_limit_and_old_rows_are_pruned(
+    store: KeyStore, keystore_config: KeystoreConfig
+) -> None:
+    answers = [store.hit("client:flood", 1000 + i // 100, 3600, 20) for i in range(2000)]
+    assert answers[:20] == list(range(1, 21)) and set(answers[20:]) == {21}
+    assert _event_rows(store, keystore_config) == 20
+    # One-off clients each leave a row while the window lasts, then nothing.
+    for n in range(100):
+        assert store.hit(f"client:{n}", 2000, 3600, 20) == 1
+    store.hit("wks-request:a@example.test", 2000, 7200, 3)  # another kind, another window
+    assert _event_rows(store, keystore_config) == 20 + 100 + 1
+    assert store.hit("client:late", 2000 + 3600 + PRUNE_EVERY, 3600, 20) == 1
+    assert _event_rows(store, keystore_config) == 1 + 1

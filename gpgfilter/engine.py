@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import io
 import os
 import shutil
 import subprocess
@@ -56,7 +57,7 @@ class Engine(Protocol):
 def check_ciphertext(armored: bytes, recipient: Recipient) -> None:
     """Refuse output that is empty, not one armored encrypted message, or addressed to other
     keys than the recipient's — or in a form (PKESK v6, SEIPD v2) mail clients cannot read."""
-    if not armored.strip():
+    if not armored or armored.isspace():  # strip() would copy a 30 MB ciphertext
         raise EngineError("the engine produced no output")
     # Only the session-key packets are read: ~600 bytes each for RSA-4096, less for others.
     block = openpgp.find_armor(armored, max_decode=1024 + 640 * len(recipient.encryption_keys))
@@ -234,10 +235,10 @@ async def _drain(stream: asyncio.StreamReader | None, *, crlf: bool = False) -> 
     """Read to the end. With ``crlf``, turn gpg's LF line ends (armor has no CR) into the CRLF
     that mail needs, chunk by chunk rather than with one more copy of the whole output."""
     assert stream is not None
-    chunks = []
+    output = io.BytesIO()  # getvalue() hands over its buffer: no second copy from a join
     while chunk := await stream.read(_CHUNK):
-        chunks.append(chunk.replace(b"\n", b"\r\n") if crlf else chunk)
-    return b"".join(chunks)
+        output.write(chunk.replace(b"\n", b"\r\n") if crlf else chunk)
+    return output.getvalue()
 
 
 def _status_keywords(stderr: bytes) -> set[str]:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from gpgfilter.process.config import Endpoint
 
 _BARE_LF = re.compile(rb"(?<!\r)\n")
+_WRITE_CHUNK = 1 << 18
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,8 +271,12 @@ class MailClient:
             await session.read_reply()
             return
         for part in data:  # each piece starts a line, so each can be made wire-ready alone
-            session.writer.write(wire_body(part))
-            await session.writer.drain()
+            # In chunks: the transport copies whatever the socket does not take at once, and
+            # a whole 30 MB ciphertext would be held twice.
+            body = memoryview(wire_body(part))
+            for offset in range(0, len(body), _WRITE_CHUNK):
+                session.writer.write(body[offset : offset + _WRITE_CHUNK])
+                await session.writer.drain()
         session.writer.write(b".\r\n")
         await session.writer.drain()
         if self.lmtp:

@@ -9,12 +9,14 @@ for the others, time out, and deliver the message again.
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
+import re
 from collections.abc import Sequence
 from typing import Any
 
 from aiosmtpd.lmtp import LMTP
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
 from gpgfilter.mail.deliver import Reply
 from gpgfilter.mail.filter import TEMPORARY_FAILURE, MailFilter
@@ -24,19 +26,190 @@ from gpgfilter.process.config import Endpoint
 log = logging.getLogger(__name__)
 
 # Postfix splits lines at 998 octets, but a 5xx "line too long" would bounce the message, so
-# accept anything a sane client sends; the size limit still bounds memory.
+# accept anything a sane client sends; memory is bounded by the size limit, not by this.
 _LINE_LIMIT = 1 << 20
 
+# C0 controls (NUL, CR, LF, ESC...), DEL, C1 controls, and bytes that are no UTF-8 (aiosmtpd
+# keeps them as lone surrogates): none belongs in an address, and each could forge or break
+# a log line or the downstream's command.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
-class _SMTPServer(SMTP):
-    line_length_limit = _LINE_LIMIT
-
-
-class _LMTPServer(LMTP):
-    line_length_limit = _LINE_LIMIT
-
+_END = b".\r\n"
 
 TOO_BIG = Reply(552, "5.3.4 Message too big for this system")
+TOO_LONG = Reply(500, "5.5.6 Line too long")
+
+
+class DataReader:
+    """The body of DATA, fed in the pieces read from the client: dot-unstuffing as it
+    streams, into one buffer, bounded. The buffer is a BytesIO because its ``getvalue()``
+    hands over the bytes it grew without copying them: one copy of the message, not two.
+
+    aiosmtpd (1.4) keeps every line as its own object until the end of data (~4x the message),
+    and keeps the fragments of a line past its limit without any bound: an endless line grew
+    memory with every byte. Here a message past ``max_size`` or a line past
+    ``line_limit`` is noted and dropped as it arrives; reading goes on to the end of data so
+    the client gets its answer at the right place in the dialogue.
+
+    Each piece must end at the first ``.\\r\\n`` of the stream after the previous piece,
+    or before it (what ``readuntil`` gives): only the end of a piece is looked at for the end
+    of data.
+    """
+
+    def __init__(self, max_size: int, line_limit: int) -> None:
+        self.max_size = max_size
+        self.line_limit = line_limit
+        self.content = io.BytesIO()
+        self.size = 0
+        self.too_big = False
+        self.too_long = False
+        self.done = False
+        self._line = 0  # length of the current (unfinished) line so far
+        self._tail = b"\r\n"  # the last two raw bytes; the data starts at a line start
+
+    @property
+    def refused(self) -> bool:
+        return self.too_big or self.too_long
+
+    def feed(self, piece: bytes) -> bool:
+        """Take the next raw piece; True once the end of data was in it."""
+        assert not self.done
+        tail = self._tail
+        if piece.endswith(_END) and _last_two(tail, piece[-5:-3]) == b"\r\n":
+            self.done = True
+            piece = piece[:-3]
+        self._tail = _last_two(tail, piece[-2:])
+        self._check_lines(piece)
+        if self.refused:
+            return self.done
+        piece = _unstuff(tail, piece)
+        self.size += len(piece)
+        if self.size > self.max_size:
+            self.too_big = True
+            self.content = io.BytesIO()  # let go of it now, not at the end of data
+        else:
+            self.content.write(piece)
+        return self.done
+
+    def _check_lines(self, piece: bytes) -> None:
+        first = piece.find(b"\n")
+        if first < 0:
+            self._line += len(piece)
+        else:
+            longest = self._line + first
+            last = piece.rfind(b"\n")
+            if last - first > self.line_limit:  # only a piece longer than the limit
+                start = first + 1
+                while start <= last:
+                    end = piece.index(b"\n", start)
+                    longest = max(longest, end - start)
+                    start = end + 1
+            self._line = len(piece) - last - 1
+            if longest > self.line_limit:
+                self.too_long = True
+        if self._line > self.line_limit:
+            self.too_long = True
+        if self.too_long:
+            self.content = io.BytesIO()
+
+
+def _last_two(tail: bytes, end: bytes) -> bytes:
+    """The last two bytes of ``tail`` followed by ``end`` (``end`` is at most two bytes)."""
+    return (tail + end)[-2:]
+
+
+def _unstuff(tail: bytes, piece: bytes) -> bytes:
+    """Remove the dot that starts each line of ``piece`` (RFC 5321 section 4.5.2);
+    ``tail`` is the raw bytes before it."""
+    if tail == b"\r\n" and piece[:1] == b".":
+        piece = piece[1:]
+    elif tail.endswith(b"\r") and piece[:2] == b"\n.":
+        piece = piece[:1] + piece[2:]
+    return piece.replace(b"\r\n.", b"\r\n")
+
+
+async def read_data(reader: asyncio.StreamReader, data: DataReader) -> None:
+    """Read to the end of data, never holding more than the reader's limit (plus the
+    message, while it is within the size limit). Pipelined commands after the end of data
+    stay in ``reader``."""
+    while True:
+        try:
+            piece = await reader.readuntil(_END)
+        except asyncio.LimitOverrunError as overrun:
+            piece = await reader.read(overrun.consumed)
+        if data.feed(piece):
+            return
+
+
+class _BoundedData(SMTP):
+    """aiosmtpd with a DATA reader whose memory is bounded, which refuses control
+    characters in envelope addresses, and which answers once per recipient in LMTP."""
+
+    line_length_limit = _LINE_LIMIT
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if arg and _CONTROL.search(arg):
+            await self.push("501 5.1.7 Control character in the sender address")
+            return
+        await super().smtp_MAIL(arg)
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        if arg and _CONTROL.search(arg):
+            await self.push("501 5.1.3 Control character in the recipient address")
+            return
+        await super().smtp_RCPT(arg)
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 5.5.1 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        data = DataReader(self.data_size_limit or (1 << 62), self.line_length_limit)
+        try:
+            await read_data(self._reader, data)
+        except asyncio.CancelledError:  # the connection went away during DATA
+            self._writer.close()
+            raise
+        if data.refused:
+            reply = TOO_LONG if data.too_long else TOO_BIG
+            for _ in self._replies_due()[1:]:
+                await self.push(str(reply))
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            await self.push(str(reply))
+            return
+        content = data.content.getvalue()
+        del data
+        self.envelope.content = content
+        self.envelope.original_content = content
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push(status if isinstance(status, str) else "250 OK")
+
+    def _replies_due(self) -> list[str]:
+        """One entry per reply owed after the end of data: one in SMTP."""
+        assert self.envelope is not None
+        return ["transaction"]
+
+
+class _SMTPServer(_BoundedData):
+    pass
+
+
+class _LMTPServer(_BoundedData, LMTP):
+    def _replies_due(self) -> list[str]:
+        assert self.envelope is not None
+        return list(self.envelope.rcpt_tos)
 
 
 def transaction_reply(replies: Sequence[Reply]) -> Reply:
@@ -115,14 +288,8 @@ async def start_server(
     hostname: str,
     data_size_limit: int,
 ) -> asyncio.AbstractServer:
-    """Listen on ``endpoint`` for Postfix.
-
-    With LMTP the size limit is the handler's, which can answer once per recipient: aiosmtpd's
-    own limit answers once per message, which an LMTP client would wait on in vain. aiosmtpd
-    keeps a looser limit (twice as much) only to bound memory.
-    """
-    if handler.lmtp:
-        data_size_limit *= 2
+    """Listen on ``endpoint`` for Postfix; a message past ``data_size_limit`` is refused
+    (552, once per recipient in LMTP) while it streams."""
     return await listen(
         handler,
         endpoint,
@@ -130,7 +297,6 @@ async def start_server(
         hostname=hostname,
         data_size_limit=data_size_limit,
         ident="gpgfilter",
-        protocol_class=_LMTPServer if handler.lmtp else _SMTPServer,
     )
 
 
@@ -142,12 +308,12 @@ async def listen(
     hostname: str,
     data_size_limit: int,
     ident: str,
-    protocol_class: type[SMTP] | None = None,
 ) -> asyncio.AbstractServer:
     """An aiosmtpd SMTP or LMTP server on ``endpoint``; each connection gets its own protocol
-    instance, raw bytes (no decoding) and SMTPUTF8."""
+    instance, raw bytes (no decoding), SMTPUTF8, and memory bounded by ``data_size_limit``
+    whatever the client sends."""
     loop = asyncio.get_running_loop()
-    chosen: Any = protocol_class or (LMTP if lmtp else SMTP)
+    chosen: Any = _LMTPServer if lmtp else _SMTPServer
 
     def factory() -> SMTP:
         server: SMTP = chosen(

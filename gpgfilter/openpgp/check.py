@@ -15,7 +15,7 @@ from keystore import packets as openpgp
 def check_ciphertext(armored: bytes, recipient: Recipient) -> None:
     """Refuse output that is empty, not one armored encrypted message, or addressed to other
     keys than the recipient's — or in a form (PKESK v6, SEIPD v2) mail clients cannot read."""
-    if not armored.strip():
+    if not armored or armored.isspace():  # strip() would copy a 30 MB ciphertext
         raise EngineError("the engine produced no output")
     # Only the session-key packets are read: ~600 bytes each for RSA-4096, less for others.
     block = openpgp.find_armor(armored, max_decode=1024 + 640 * len(recipient.encryption_keys))

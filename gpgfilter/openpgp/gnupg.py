@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import io
 import os
 import shutil
 import subprocess
@@ -164,7 +165,7 @@ async def _drain(stream: asyncio.StreamReader | None, *, crlf: bool = False) -> 
     """Read to the end. With ``crlf``, turn gpg's LF line ends (armor has no CR) into the CRLF
     that mail needs, chunk by chunk rather than with one more copy of the whole output."""
     assert stream is not None
-    chunks = []
+    output = io.BytesIO()  # getvalue() hands over its buffer: no second copy from a join
     while chunk := await stream.read(_CHUNK):
-        chunks.append(chunk.replace(b"\n", b"\r\n") if crlf else chunk)
-    return b"".join(chunks)
+        output.write(chunk.replace(b"\n", b"\r\n") if crlf else chunk)
+    return output.getvalue()

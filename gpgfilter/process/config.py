@@ -14,6 +14,7 @@ import re
 import socket
 import types
 import typing
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NewType, get_args, get_origin
@@ -37,23 +38,35 @@ class Endpoint:
 
     @classmethod
     def parse(cls, text: str) -> Endpoint:
+        """Parse and check an endpoint, so that a typo stops the program at start instead of
+        every message being deferred later as "downstream unavailable"."""
         text = text.strip()
-        if text.startswith("unix:"):
-            path = text[len("unix:") :]
-            if not path.startswith("/"):
-                raise ValueError("a unix socket needs an absolute path, e.g. unix:/run/x.sock")
+        if not text:
+            raise ValueError("expected HOST:PORT or unix:/path, got nothing")
+        if _UNPRINTABLE.search(text):
+            raise ValueError(f"expected HOST:PORT or unix:/path, got {text!r}: a blank or control")
+        if "://" in text:
+            raise ValueError(
+                f"expected HOST:PORT or unix:/path, not a URL: {text!r}"
+                " (e.g. 127.0.0.1:24 rather than lmtp://127.0.0.1:24)"
+            )
+        if text.startswith("unix:") or text.startswith("/"):
+            path = text.removeprefix("unix:")
+            if not path.startswith("/") or path.endswith("/"):
+                raise ValueError(
+                    f"a unix socket needs an absolute file path (unix:/run/x.sock), got {text!r}"
+                )
             return cls(path=path)
-        if text.startswith("/"):
-            return cls(path=text)
-        if text.startswith("inet:"):
-            text = text[len("inet:") :]
+        text = text.removeprefix("inet:")
         host, sep, port = text.rpartition(":")
-        if not sep or not port.isdigit() or not host:
+        if not sep or not host:
             raise ValueError(f"expected HOST:PORT or unix:/path, got {text!r}")
+        if not port.isascii() or not port.isdigit():
+            raise ValueError(f"expected a port number after the last colon, got {text!r}")
         number = int(port)
         if not 0 <= number < 65536:
             raise ValueError(f"port {number} is out of range")
-        return cls(host=host.strip("[]"), port=number)
+        return cls(host=_check_host(host, text), port=number)
 
     @property
     def is_unix(self) -> bool:
@@ -63,6 +76,35 @@ class Endpoint:
         if self.path:
             return f"unix:{self.path}"
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+_UNPRINTABLE = re.compile(r"[\x00-\x20\x7f-\x9f]")
+_HOST_NAME = re.compile(
+    r"^(?=.{1,253}\.?$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)*\.?$"
+)
+
+
+def _check_host(host: str, text: str) -> str:
+    """An IPv4 address, a host name, or an IPv6 address in brackets; the host as used."""
+    if host.startswith("[") or host.endswith("]"):
+        inner = host[1:-1] if host.startswith("[") and host.endswith("]") else ""
+        try:
+            ipaddress.IPv6Address(inner)
+        except ValueError:
+            raise ValueError(f"expected an IPv6 address in brackets, got {text!r}") from None
+        return inner
+    if ":" in host:
+        raise ValueError(f"an IPv6 address needs brackets, e.g. [::1]:24, got {text!r}")
+    if host.replace(".", "").isdigit():
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IPv4 address") from None
+        return host
+    if not _HOST_NAME.match(host):
+        raise ValueError(f"{host!r} is not a host name or address")
+    return host
 
 
 Seconds = NewType("Seconds", int)
@@ -360,8 +402,9 @@ def _check(config: Any, prefix: str) -> None:
     if isinstance(config, PublicationConfig):
         _check_publication(config, prefix)
     if isinstance(config, KeyserverConfig):
-        if config.public_url and not re.match(r"^https?://[^/\s]+", config.public_url):
-            raise ConfigError(f"{prefix}public_url: expected an http(s) URL")
+        if config.public_url:
+            _check_public_url(config.public_url, f"{prefix}public_url")
+        _check_connects(config.relay, f"{prefix}relay")
         if config.max_key_bytes < 4096:
             raise ConfigError(f"{prefix}max_key_bytes: must be at least 4096")
         if config.token_ttl < 60:
@@ -376,6 +419,8 @@ def _check(config: Any, prefix: str) -> None:
     ):
         raise ConfigError(f"{prefix.rstrip('.')}: limits and window must be positive")
     if isinstance(config, Config):
+        if config.deliver is not None:
+            _check_connects(config.deliver, "deliver")
         if config.max_message_size < 1024:
             raise ConfigError("max_message_size: must be at least 1024 bytes")
         if config.delivery_timeout <= 0:
@@ -412,3 +457,32 @@ def _check_publication(config: PublicationConfig, prefix: str) -> None:
             )
     if config.token_ttl < 60:
         raise ConfigError(f"{prefix}token_ttl: must be at least 60 seconds")
+    _check_connects(config.wks_relay, f"{prefix}wks_relay")
+
+
+def _check_connects(endpoint: Endpoint, key: str) -> None:
+    """Port 0 means "any free port" to listen on; there is nothing to connect to there."""
+    if not endpoint.is_unix and endpoint.port == 0:
+        raise ConfigError(f"{key}: port 0 cannot be connected to")
+
+
+def _check_public_url(url: str, key: str) -> None:
+    """An http(s) URL that goes into mails and pages as it is: no blanks or control characters
+    that could break a header or a link, no credentials, a host and a valid port."""
+    problem = ""
+    if _UNPRINTABLE.search(url):
+        problem = "it contains a blank or a control character"
+    else:
+        parts = urllib.parse.urlsplit(url)
+        try:
+            parts.port  # noqa: B018  # raises on a port that is no number in range
+        except ValueError:
+            problem = "its port is not a number from 1 to 65535"
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            problem = "expected http(s)://HOST[/PATH]"
+        elif parts.username is not None:
+            problem = "it must not hold credentials"
+        elif parts.query or parts.fragment:
+            problem = "it must not have a query or a fragment"
+    if problem:
+        raise ConfigError(f"{key}: {url!r} is not a usable URL: {problem}")

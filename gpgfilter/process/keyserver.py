@@ -221,7 +221,7 @@ async def start_wks_listener(
         endpoint,
         lmtp=handler.lmtp,
         hostname=hostname,
-        data_size_limit=2 * MAX_MESSAGE_BYTES,
+        data_size_limit=MAX_MESSAGE_BYTES,
         ident="gpgfilter-wks",
     )
 

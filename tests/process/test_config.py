@@ -6,11 +6,14 @@ import dataclasses
 import re
 from pathlib import Path
 
+import pytest
 import yaml
 from click.testing import CliRunner
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gpgfilter.process.cli import main
-from gpgfilter.process.config import Config, load
+from gpgfilter.process.config import Config, ConfigError, Endpoint, load
 
 DOC = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text()
 
@@ -106,3 +109,92 @@ def test_dash_c_names_the_configuration_file_for_every_command(tmp_path: Path) -
         result = CliRunner().invoke(main, [*command, "-c", str(bad)])
         assert result.exit_code != 0
         assert "no_such_key" in result.output, result.output
+
+
+ENDPOINT_KEYS = [
+    "listen",
+    "deliver",
+    "metrics.listen",
+    "keyserver.listen",
+    "keyserver.relay",
+    "publication.wks_listen",
+    "publication.wks_relay",
+]
+
+
+def test_a_malformed_endpoint_flag_fails_at_start_naming_it(tmp_path: Path) -> None:
+    runner = CliRunner()
+    cases = {
+        ("serve", "--deliver", "lmtp://127.0.0.1:24"): "deliver: expected HOST:PORT",
+        ("serve", "--deliver", "127.0.0.1:0"): "deliver: port 0 cannot be connected to",
+        ("serve", "--listen", "::1:10025"): "listen: an IPv6 address needs brackets",
+        ("serve", "--metrics-listen", "127.0.0.1 :9425"): "metrics.listen: expected",
+        ("keyserver", "--listen", "http://0.0.0.0:8425/"): "keyserver.listen: expected",
+    }
+    config = tmp_path / "empty.yaml"
+    config.write_text(f"data_dir: {tmp_path}\n")
+    for args, expected in cases.items():
+        result = runner.invoke(main, ["-c", str(config), *args])
+        assert result.exit_code != 0
+        assert expected in result.output, (args, result.output)
+
+
+def _nested(dotted: str, value: object) -> dict[str, object]:
+    *parents, last = dotted.split(".")
+    data: dict[str, object] = {last: value}
+    for parent in reversed(parents):
+        data = {parent: data}
+    return data
+
+
+def test_every_endpoint_key_refuses_malformed_values(tmp_path: Path) -> None:
+    bad = [
+        "lmtp://127.0.0.1:24",
+        "127.0.0.1:24\r\nRCPT",
+        "mail host:25",
+        "999.0.0.1:25",
+        "[::1:25",
+        "example.org:",
+        "unix:relative.sock",
+        "unix:/run/dir/",
+        "inet:",
+    ]
+    for key in ENDPOINT_KEYS:
+        for value in bad:
+            config = tmp_path / "bad.yaml"
+            config.write_text(yaml.safe_dump(_nested(key, value)))
+            with pytest.raises(ConfigError, match=f"^{re.escape(key)}: "):
+                load(config)
+
+
+def test_public_url_must_be_a_plain_http_url() -> None:
+    for url in (
+        "keys.example.org",
+        "ftp://keys.example.org",
+        "https://keys.example.org/\x00",
+        "https://keys.example.org/a b",
+        "https://user:pw@keys.example.org",
+        "https://keys.example.org:99999",
+        "https://keys.example.org/?next=evil",
+        "https://",
+    ):
+        with pytest.raises(ConfigError, match=r"^keyserver\.public_url: "):
+            load(None, {"keyserver.public_url": url})
+    ok = load(None, {"keyserver.public_url": "https://keys.example.org:8443/gpg/"})
+    assert ok.keyserver_url == "https://keys.example.org:8443/gpg"
+
+
+@given(st.text(max_size=40))
+def test_endpoint_parse_either_refuses_or_round_trips(text: str) -> None:
+    try:
+        endpoint = Endpoint.parse(text)
+    except ValueError:
+        return
+    assert Endpoint.parse(str(endpoint)) == endpoint
+    assert not re.search(r"[\x00-\x20\x7f-\x9f]", str(endpoint))
+
+
+@given(st.sampled_from(["127.0.0.1", "[::1]", "localhost", "mail.example.org", "[fe80::1]"]))
+def test_good_endpoints_still_parse(host: str) -> None:
+    assert str(Endpoint.parse(f"{host}:24")) == f"{host}:24"
+    assert str(Endpoint.parse(f"inet:{host}:24")) == f"{host}:24"

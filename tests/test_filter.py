@@ -505,3 +505,18 @@ async def test_health_reports_an_unreadable_key_store(
     assert "missing" in health.checks["keystore"]
     (data_dir / "moved").rename(data_dir / "keys.sqlite")
     assert (await h.service.health()).ok
+
+
+async def test_undecodable_content_type_parameter_is_encrypted_not_deferred(
+    harness: Callable[..., object], data_dir: Path, alice: TestKey
+) -> None:
+    """A Content-Type parameter naming a charset Python cannot decode with once made the
+    classifier raise: the message was deferred on every retry until Postfix bounced it."""
+    register(data_dir, alice)
+    h: Harness = await harness()  # type: ignore[misc]
+    hostile = PLAIN.replace(
+        b"Content-Type: text/plain; charset=utf-8", b"Content-Type: text/plain; name*=utf\0''x"
+    )
+    assert [r.code for r in await h.send(["alice@example.test"], hostile)] == [250]
+    (delivered,) = h.delivered_to("alice@example.test")
+    assert inner_plaintext(delivered, alice) == rawmessage.split(hostile).inner_entity()

@@ -180,7 +180,13 @@ def parse_content_type(value: str) -> ContentType:
     mimetype = holder.get_content_type()
     maintype, _, subtype = mimetype.partition("/")
     params: dict[str, str] = {}
-    for key, raw_value in holder.get_params(header="content-type", failobj=[])[1:]:
+    try:
+        found = holder.get_params(header="content-type", failobj=[])
+    except (TypeError, ValueError):
+        # RFC 2231 sections the email package cannot put in order ("a*" next to "a*0"):
+        # the parameters are unreadable, the type is still known.
+        found = []
+    for key, raw_value in found[1:]:
         params.setdefault(key.lower(), _parameter_value(raw_value))
     return ContentType(maintype, subtype, params)
 

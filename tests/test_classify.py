@@ -109,6 +109,8 @@ UNDECODABLE_CHARSETS = [
     b"Content-Type: text/plain; name*=idna''%ff\r\n",
     b"Content-Type: text/plain; name*=punycode''%ff%00\r\n",
     b"Content-Type: text/plain; name*0*=utf\x00''%C3%A9; name*1=x\r\n",
+    # A plain and a numbered section of one parameter: the email package cannot sort them.
+    b"Content-Type: text/plain; name*=a; name*0=b\r\n",
 ]
 
 

@@ -141,3 +141,11 @@ def test_parse_content_type_never_raises(charset: str, value: str) -> None:
     parse_content_type(f"text/plain; name*={charset}''{value}")
     parse_content_type(f"text/plain; name*0*={charset}''{value}; name*1={value}")
     parse_content_type(value)
+
+
+sections = st.sampled_from(["name", "name*", "name*0", "name*0*", "name*1", "name*1*", "name*01"])
+
+
+@given(st.lists(st.tuples(sections, st.text(max_size=12)), max_size=5))
+def test_any_mix_of_rfc2231_sections_is_read(pairs: list[tuple[str, str]]) -> None:
+    parse_content_type("text/plain" + "".join(f"; {name}={value}" for name, value in pairs))

@@ -99,3 +99,25 @@ def test_never_raises_on_pgp_mime_shaped_input(junk: bytes) -> None:
             b"Content-Transfer-Encoding: binary\r\n\r\n" + junk
         )
     )
+
+
+# RFC 2231 parameters whose charset Python cannot decode with: a NUL in the name, codecs that
+# refuse the "replace" error handler. Each once made classify raise, and the filter then
+# deferred the message on every retry until Postfix bounced it (found by tests/fuzz).
+UNDECODABLE_CHARSETS = [
+    b"Content-Type: text/plain; name*=utf\x00''%C3%A9\r\n",
+    b"Content-Type: text/plain; name*=idna''%ff\r\n",
+    b"Content-Type: text/plain; name*=punycode''%ff%00\r\n",
+    b"Content-Type: text/plain; name*0*=utf\x00''%C3%A9; name*1=x\r\n",
+    # A plain and a numbered section of one parameter: the email package cannot sort them.
+    b"Content-Type: text/plain; name*=a; name*0=b\r\n",
+]
+
+
+@pytest.mark.parametrize("header", UNDECODABLE_CHARSETS)
+def test_undecodable_parameter_charset_is_clear_text(header: bytes) -> None:
+    assert classify(split(b"Subject: x\r\n" + header + b"\r\nhello\r\n")) is Verdict.CLEAR
+    wrapped = _pgp_mime(_armored_real_message()).replace(
+        b"Content-Type: application/octet-stream\r\n", header.replace(b"text/plain", b"x/y")
+    )
+    assert classify(split(wrapped)) is Verdict.CLEAR

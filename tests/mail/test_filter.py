@@ -511,3 +511,20 @@ async def test_health_reports_an_unreadable_key_store(
     assert "missing" in health.checks["keystore"]
     (data_dir / "moved").rename(data_dir / "keys.sqlite")
     assert (await h.service.health()).ok
+
+
+@pytest.mark.parametrize(
+    "parameters", [b"name*=utf\0''x", b"name*=idna''%ff", b"name*=a; name*0=b"]
+)
+async def test_unreadable_content_type_parameter_is_encrypted_not_deferred(
+    harness: Callable[..., object], data_dir: Path, alice: TestKey, parameters: bytes
+) -> None:
+    """Content-Type parameters the email package chokes on (a charset it cannot decode with,
+    RFC 2231 sections it cannot order) once made the classifier raise: the message was
+    deferred on every retry until Postfix bounced it."""
+    register(data_dir, alice)
+    h: Harness = await harness()  # type: ignore[misc]
+    hostile = PLAIN.replace(b"charset=utf-8", parameters)
+    assert [r.code for r in await h.send(["alice@example.test"], hostile)] == [250]
+    (delivered,) = h.delivered_to("alice@example.test")
+    assert inner_plaintext(delivered, alice) == rawmessage.split(hostile).inner_entity()

@@ -17,7 +17,7 @@ from gpgfilter.doctor import run_checks
 from gpgfilter.engine import EngineError
 from gpgfilter.service import run
 from keystore.open import open_store
-from keystore.store import KeyStore, StoreError
+from keystore.store import KeyStore, KeyWasRevoked, StoreError, stored_state
 from keystore.validate import KeyRejected, KeyRevoked, merge_key, validate_key
 
 
@@ -185,7 +185,16 @@ def import_keys(
                     continue
                 key = merge_key(stored, data, address=address, gpg_binary=config.gpg.binary).key
             for address_bound in validated.addresses:
-                store.bind(address_bound, key, replace=not add)
+                store.bind(address_bound, key, replace=not add, expected=stored_state(stored))
+                stored = key
+        except KeyWasRevoked:
+            click.echo(
+                f"{path}: refused: {key.fingerprint} was revoked, and a revocation is forever:"
+                " import a new key",
+                err=True,
+            )
+            failed += 1
+            continue
         except KeyRejected as error:
             click.echo(f"{path}: refused: {error}", err=True)
             failed += 1

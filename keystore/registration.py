@@ -20,14 +20,20 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TypeVar
 
 from keystore.gpgbound import ValidationSlots
 from keystore.model import AuditEntry, PendingChange, StoredKey
 from keystore.ratelimit import RateLimiter
-from keystore.store import KeyStore
+from keystore.store import (
+    MERGE_ATTEMPTS,
+    KeyStore,
+    KeyWasRevoked,
+    StaleMerge,
+    stored_state,
+)
 from keystore.validate import (
     KeyRejected,
     KeyRevoked,
@@ -48,6 +54,7 @@ ORIGIN_UPLOAD = "web"
 ORIGIN_WITHDRAW = "withdraw"
 
 Purpose = Literal["confirm", "withdraw"]
+_T = TypeVar("_T")
 
 
 class Refused(Exception):
@@ -190,6 +197,7 @@ class Registry:
         except KeyRevoked as revoked:
             if any(k.fingerprint == revoked.fingerprint for k in await self._keys(address)):
                 return await self._revoke(address, data, actor="self-service")
+            await self._remember_revocation(revoked.fingerprint)
             raise Refused("key-rejected", str(revoked)) from None
         except KeyRejected as error:
             log.info("upload for %s refused: %s", address, error)
@@ -245,9 +253,9 @@ class Registry:
                 "this code is unknown, was already used or has expired: start again",
             )
         address, key = pending.address, pending.key
-        async with self._updating:
-            active = await self._keys(address)
-            if pending.origin == ORIGIN_WITHDRAW:
+        if pending.origin == ORIGIN_WITHDRAW:
+            async with self._updating:
+                active = await self._keys(address)
                 # Any change since the token was mailed voided it; this guards the rest.
                 if not any(k.fingerprint == key.fingerprint for k in active):
                     raise Refused(
@@ -256,15 +264,23 @@ class Registry:
                 if any(k.revoked for k in active):
                     raise _revoked_stays()
                 await asyncio.to_thread(self.store.remove, address)
-                await self._changed("withdrawn", address, key, "self-service")
-                return Outcome("withdrawn", address, key.fingerprint, key.expires)
-            key = await self._forward(key)
+            await self._changed("withdrawn", address, key, "self-service")
+            return Outcome("withdrawn", address, key.fingerprint, key.expires)
+
+        async def attempt() -> tuple[str, StoredKey]:
+            active = await self._keys(address)
+            merged, expected = await self._forward(pending.key)
             action = (
                 "replaced"
-                if any(k.fingerprint != key.fingerprint for k in active)
+                if any(k.fingerprint != merged.fingerprint for k in active)
                 else "registered"
             )
-            await asyncio.to_thread(self.store.bind, address, key, replace=True)
+            await asyncio.to_thread(
+                self.store.bind, address, merged, replace=True, expected=expected
+            )
+            return action, merged
+
+        action, key = await self._retrying(attempt)
         await self._changed(action, address, key, "self-service")
         return Outcome(action, address, key.fingerprint, key.expires)
 
@@ -302,16 +318,17 @@ class Registry:
             validated = await self._validate(data, address, require_uid=False)
         except KeyRejected as error:
             raise Refused("key-rejected", str(error)) from None
-        key = validated.key
-        async with self._updating:
+
+        async def attempt() -> tuple[str, StoredKey]:
+            key = validated.key
             active = await self._keys(address)
             stored = await asyncio.to_thread(self.store.key, key.fingerprint)
             if stored is not None:
                 if stored.revoked:
-                    raise Refused("key-revoked", "this key was revoked: register a new key")
+                    raise _key_revoked()
                 merged = await self._merge(stored, data, address, require_uid=False)
                 if not merged.changed and any(k.fingerprint == key.fingerprint for k in active):
-                    return Outcome("unchanged", address, key.fingerprint, stored.expires)
+                    return "unchanged", stored
                 key = merged.key
             if any(k.fingerprint == key.fingerprint for k in active):
                 action = "renewed"
@@ -319,7 +336,14 @@ class Registry:
                 action = "replaced"
             else:
                 action = "registered"
-            await asyncio.to_thread(self.store.bind, address, key, replace=True)
+            await asyncio.to_thread(
+                self.store.bind, address, key, replace=True, expected=stored_state(stored)
+            )
+            return action, key
+
+        action, key = await self._retrying(attempt)
+        if action == "unchanged":
+            return Outcome("unchanged", address, key.fingerprint, key.expires)
         await self._changed(action, address, key, "admin-api")
         return Outcome(action, address, key.fingerprint, key.expires)
 
@@ -391,19 +415,28 @@ class Registry:
         """An update of the active key needs no challenge: it is merged with the stored copy,
         so only what the key itself signed is added, and nothing moves back."""
         if current.revoked:
-            raise Refused("key-revoked", "this key was revoked: register a new key")
-        async with self._updating:
-            stored = await asyncio.to_thread(self.store.key, current.fingerprint) or current
+            raise _key_revoked()
+
+        async def attempt() -> tuple[Outcome, StoredKey]:
+            stored = await asyncio.to_thread(self.store.key, current.fingerprint)
+            if stored is None:
+                raise Refused("stale", "the key was withdrawn meanwhile: upload it again")
             try:
                 merged = await self._merge(stored, data, address, require_uid=True)
             except KeyRevoked:
-                return await self._revoke(address, data, actor=actor)
+                return await self._revoke(address, data, actor=actor), stored
             if not merged.changed:
-                return Outcome("unchanged", address, stored.fingerprint, stored.expires)
+                return Outcome("unchanged", address, stored.fingerprint, stored.expires), stored
             key = merged.key
-            await asyncio.to_thread(self.store.bind, address, key, replace=False)
-        await self._changed("renewed", address, key, actor)
-        return Outcome("renewed", address, key.fingerprint, key.expires)
+            await asyncio.to_thread(
+                self.store.bind, address, key, replace=False, expected=stored_state(stored)
+            )
+            return Outcome("renewed", address, key.fingerprint, key.expires), key
+
+        outcome, key = await self._retrying(attempt)
+        if outcome.action == "renewed":
+            await self._changed("renewed", address, key, actor)
+        return outcome
 
     async def _merge(
         self, stored: StoredKey, data: bytes, address: str, *, require_uid: bool
@@ -425,24 +458,49 @@ class Registry:
             log.info("update for %s refused: %s", address, error)
             raise Refused("key-rejected", str(error)) from None
 
-    async def _forward(self, key: StoredKey) -> StoredKey:
+    async def _forward(self, key: StoredKey) -> tuple[StoredKey, str]:
         """``key`` merged with the stored copy of the same key, if there is one (it may be
-        bound to another address): a confirmation never rolls a stored key back."""
+        bound to another address): a confirmation never rolls a stored key back. Also the
+        ``stored_state`` merged against, for the store to check."""
         stored = await asyncio.to_thread(self.store.key, key.fingerprint)
         if stored is None:
-            return key
+            await self._refuse_revoked(key.fingerprint)
+            return key, stored_state(None)
         if stored.revoked:
-            raise Refused("key-revoked", "this key was revoked: register a new key")
+            raise _key_revoked()
         try:
             merged = await self._merge(stored, key.key_data, "", require_uid=False)
         except KeyRevoked:
-            raise Refused("key-revoked", "this key was revoked: register a new key") from None
-        return merged.key
+            await self._remember_revocation(key.fingerprint)
+            raise _key_revoked() from None
+        return merged.key, stored_state(stored)
 
     async def _refuse_revoked(self, fingerprint: str) -> None:
-        stored = await asyncio.to_thread(self.store.key, fingerprint)
-        if stored is not None and stored.revoked:
-            raise Refused("key-revoked", "this key was revoked: register a new key")
+        """A key revoked once is never registered again, even after its copy was deleted."""
+        if await asyncio.to_thread(self.store.was_revoked, fingerprint):
+            raise _key_revoked()
+
+    async def _remember_revocation(self, fingerprint: str) -> None:
+        """A revocation signed by the key itself came with an upload: the store keeps it, so
+        no copy without it is ever accepted again."""
+        holders = await asyncio.to_thread(self.store.revoke, fingerprint)
+        log.info("key %s is revoked (bound to %d addresses)", fingerprint, holders)
+
+    async def _retrying(self, attempt: Callable[[], Awaitable[_T]]) -> _T:
+        """Read, merge and store, once more when the store refused the merge as stale: another
+        host stored its own update in between, and merging again keeps both. The lock only
+        orders the updates of this process."""
+        for _ in range(MERGE_ATTEMPTS):
+            try:
+                async with self._updating:
+                    return await attempt()
+            except StaleMerge as error:
+                log.info("update merged again: %s", error)
+            except KeyWasRevoked:
+                raise _key_revoked() from None
+        raise Refused(
+            "stale", "the key was changed by other requests at the same moment: try again"
+        )
 
     async def _revoke(self, address: str, data: bytes, *, actor: str) -> Outcome:
         """A revocation signed by the active key takes effect at once: its holder said so."""
@@ -478,6 +536,13 @@ class Registry:
             log.warning("notice (%s) to %s failed: %s", notice.action, notice.address, error)
             return False
         return True
+
+
+def _key_revoked() -> Refused:
+    return Refused(
+        "key-revoked",
+        "this key was revoked, and a revocation is forever: register a new key",
+    )
 
 
 def _revoked_stays() -> Refused:

@@ -3,6 +3,7 @@ and ``KeyLookup``, the one question the filter asks, answered without blocking i
 
 from __future__ import annotations
 
+import hashlib
 from typing import Protocol
 
 from keystore.model import AuditEntry, Binding, PendingChange, StoredKey
@@ -38,6 +39,37 @@ class KeyLookup(Protocol):
         ...
 
 
+class KeyWasRevoked(StoreError):
+    """``bind`` refused a key that was revoked once: a revocation is forever, even after the
+    key was replaced and its stored copy deleted (its old holder, or a thief, could otherwise
+    register an old copy without the revocation again)."""
+
+    def __init__(self, fingerprint: str) -> None:
+        super().__init__(f"key {fingerprint} was revoked")
+        self.fingerprint = fingerprint
+
+
+class StaleMerge(StoreError):
+    """``bind`` refused a merge made against a stored copy that has changed since (another
+    process or host stored its own update in between): merge again with the new copy."""
+
+
+NOTHING_STORED = "nothing-stored"
+# How often an update is read, merged and stored before a caller gives up on ``StaleMerge``.
+MERGE_ATTEMPTS = 3
+
+
+def stored_state(key: StoredKey | None) -> str:
+    """What an update was merged against, for ``bind(expected=...)``: a digest of the stored
+    copy, or ``NOTHING_STORED``."""
+    return state_of(None if key is None else key.key_data)
+
+
+def state_of(key_data: bytes | None) -> str:
+    """``stored_state`` from the stored bytes, as a backend reads them."""
+    return NOTHING_STORED if key_data is None else hashlib.sha256(key_data).hexdigest()
+
+
 class KeyStore(Protocol):
     def keys_for(self, address: str) -> list[StoredKey]:
         """The keys bound to a canonical address; empty when the address is not enrolled."""
@@ -48,10 +80,19 @@ class KeyStore(Protocol):
         update of a known key is merged with this copy (``keystore.validate.merge_key``)."""
         ...
 
-    def bind(self, address: str, key: StoredKey, *, replace: bool = True) -> None:
+    def bind(
+        self, address: str, key: StoredKey, *, replace: bool = True, expected: str | None = None
+    ) -> None:
         """Bind ``key`` to ``address``; ``replace`` drops the address's other keys atomically.
-        The key's stored copy is overwritten: callers merge first. Every pending change of the
-        address is dropped in the same transaction: its token was issued for a former state."""
+        The key's stored copy is overwritten: callers merge first, and pass ``expected``
+        (``stored_state`` of the copy they merged against) so that a copy changed meanwhile
+        raises ``StaleMerge`` instead of being lost. A key ever revoked raises
+        ``KeyWasRevoked``. Every pending change of the address is dropped in the same
+        transaction: its token was issued for a former state."""
+        ...
+
+    def was_revoked(self, fingerprint: str) -> bool:
+        """True when the key was ever revoked, whether or not a copy of it is still stored."""
         ...
 
     def remove(self, address_or_fingerprint: str) -> int:
@@ -60,9 +101,9 @@ class KeyStore(Protocol):
         ...
 
     def revoke(self, fingerprint: str) -> int:
-        """Mark a registered key revoked (it stays bound, so mail is held, not sent in clear)
-        and drop the pending changes of its addresses; returns how many addresses it is bound
-        to."""
+        """Remember forever that the key is revoked, mark its stored copy revoked (it stays
+        bound, so mail is held, not sent in clear) and drop the pending changes of its
+        addresses; returns how many addresses it is bound to."""
         ...
 
     def bindings(self) -> list[Binding]: ...

@@ -20,7 +20,7 @@ from gpgfilter.process.config import Config, ConfigError, load
 from gpgfilter.process.service import run
 from keystore.logsafe import setup_logging
 from keystore.storage.open import open_store
-from keystore.store import KeyStore, StoreError
+from keystore.store import KeyStore, KeyWasRevoked, StoreError, stored_state
 from keystore.validate import KeyRejected, KeyRevoked, merge_key, validate_key
 
 
@@ -177,7 +177,16 @@ def import_keys(
                     continue
                 key = merge_key(stored, data, address=address, gpg_binary=config.gpg.binary).key
             for address_bound in validated.addresses:
-                store.bind(address_bound, key, replace=not add)
+                store.bind(address_bound, key, replace=not add, expected=stored_state(stored))
+                stored = key
+        except KeyWasRevoked:
+            click.echo(
+                f"{path}: refused: {key.fingerprint} was revoked, and a revocation is forever:"
+                " import a new key",
+                err=True,
+            )
+            failed += 1
+            continue
         except KeyRejected as error:
             click.echo(f"{path}: refused: {error}", err=True)
             failed += 1

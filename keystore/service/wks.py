@@ -38,7 +38,7 @@ from keystore.gpg import GPG_OPTIONS
 from keystore.model import AuditEntry, PendingChange, StoredKey
 from keystore.service.outbound import EncryptionFailed, Encryptor, Send
 from keystore.service.wkd import publishable, zbase32
-from keystore.store import KeyStore
+from keystore.store import MERGE_ATTEMPTS, KeyStore, KeyWasRevoked, StaleMerge, stored_state
 from keystore.validate import KeyRejected, KeyRevoked, merge_key, validate_key
 
 log = logging.getLogger(__name__)
@@ -450,16 +450,7 @@ class WksServer:
         if not publishable(key, now):
             raise WksRejected("the key can no longer encrypt: submit a renewed key")
         before = {k.fingerprint for k in self.store.keys_for(address)}
-        stored = self.store.key(key.fingerprint)
-        if stored is not None:
-            # A key only moves forward: the confirmed copy is merged with the stored one.
-            if stored.revoked:
-                raise WksRejected("this key was revoked: submit a new key")
-            try:
-                key = merge_key(stored, key.key_data, gpg_binary=self.gpg_binary).key
-            except KeyRejected as error:
-                raise WksRejected(f"the key is refused: {error}") from None
-        self.store.bind(address, key, replace=True)
+        key = self._bind_merged(address, key)
         action = "registered" if not before else "replaced"
         if before == {key.fingerprint}:
             action = "renewed"
@@ -467,6 +458,32 @@ class WksServer:
         log.info("WKS: key %s %s for %s", key.fingerprint, action, address)
         notice = self._published_notice(address, key)
         return [notice] if notice is not None else []
+
+    def _bind_merged(self, address: str, key: StoredKey) -> StoredKey:
+        """Bind the confirmed copy merged with the stored one (a key only moves forward);
+        merged again when another host stored an update in between. A key ever revoked is
+        refused, and a revocation found in the confirmed copy is remembered."""
+        for _ in range(MERGE_ATTEMPTS):
+            stored = self.store.key(key.fingerprint)
+            merged = key
+            if stored is not None:
+                if stored.revoked:
+                    raise WksRejected("this key was revoked: submit a new key")
+                try:
+                    merged = merge_key(stored, key.key_data, gpg_binary=self.gpg_binary).key
+                except KeyRevoked:
+                    self.store.revoke(key.fingerprint)
+                    raise WksRejected("this key was revoked: submit a new key") from None
+                except KeyRejected as error:
+                    raise WksRejected(f"the key is refused: {error}") from None
+            try:
+                self.store.bind(address, merged, replace=True, expected=stored_state(stored))
+            except KeyWasRevoked:
+                raise WksRejected("this key was revoked: submit a new key") from None
+            except StaleMerge:
+                continue
+            return merged
+        raise WksRejected("the key was changed by other requests at the same moment: try again")
 
     def _published_notice(self, address: str, key: StoredKey) -> Outgoing | None:
         """The "key published" notice, encrypted to the new key: the user learns that it is the

@@ -31,7 +31,15 @@ from psycopg.types.json import Jsonb
 
 from keystore.model import AuditEntry, Binding, EncryptionKey, PendingChange, StoredKey
 from keystore.storage.migrations import newer_schema
-from keystore.store import PRUNE_EVERY, StoreError, StoreUnavailable, scope_kind
+from keystore.store import (
+    PRUNE_EVERY,
+    KeyWasRevoked,
+    StaleMerge,
+    StoreError,
+    StoreUnavailable,
+    scope_kind,
+    state_of,
+)
 
 # Each entry upgrades the schema by one version, like keystore.storage.sqlite's list (same tables,
 # PostgreSQL types). A store is brought up to date when opened.
@@ -86,6 +94,11 @@ _MIGRATIONS: tuple[LiteralString, ...] = (
         sent bigint NOT NULL,
         PRIMARY KEY (fingerprint, kind)
     );
+    """,
+    # Revoked keys are remembered after their stored copy is gone.
+    """
+    CREATE TABLE revoked (fingerprint text PRIMARY KEY, at bigint NOT NULL);
+    INSERT INTO revoked (fingerprint, at) SELECT fingerprint, updated FROM keys WHERE revoked;
     """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -223,11 +236,14 @@ class PostgresKeyStore:
         )
         return [Binding(row[0], _row_to_key(row[2:]), row[1]) for row in rows]
 
-    def bind(self, address: str, key: StoredKey, *, replace: bool = True) -> None:
+    def bind(
+        self, address: str, key: StoredKey, *, replace: bool = True, expected: str | None = None
+    ) -> None:
         now = int(time.time())
 
         def work(conn: _Conn) -> None:
-            _lock_registry(conn)
+            _lock_registry(conn)  # every host's change waits: the checks hold until the commit
+            _check_bind(conn, key.fingerprint, expected)
             conn.execute(
                 "INSERT INTO keys (fingerprint, key_data, expires, encryption_keys, user_ids,"
                 " updated) VALUES (%s, %s, %s, %s, %s, %s)"
@@ -252,9 +268,22 @@ class PostgresKeyStore:
 
         self._transaction(work)
 
+    def was_revoked(self, fingerprint: str) -> bool:
+        return bool(
+            self._read(
+                "lookup",
+                "SELECT 1 FROM revoked WHERE fingerprint = %s",
+                (fingerprint.upper(),),
+            )
+        )
+
     def revoke(self, fingerprint: str) -> int:
         def work(conn: _Conn) -> int:
             _lock_registry(conn)
+            conn.execute(
+                "INSERT INTO revoked (fingerprint, at) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                (fingerprint, int(time.time())),
+            )
             conn.execute(
                 "UPDATE keys SET revoked = true, updated = %s WHERE fingerprint = %s",
                 (int(time.time()), fingerprint),
@@ -436,6 +465,19 @@ def _lock_registry(conn: _Conn) -> None:
     """Serialise changes to keys, bindings and pending changes across hosts: with two hosts
     replacing an address's key at once, one must see the other's binding to drop it."""
     conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (_LOCK_CLASS, _REGISTRY_LOCK))
+
+
+def _check_bind(conn: _Conn, fingerprint: str, expected: str | None) -> None:
+    """Refuse a key ever revoked, and a merge made against a copy that has changed since."""
+    if conn.execute("SELECT 1 FROM revoked WHERE fingerprint = %s", (fingerprint,)).fetchone():
+        raise KeyWasRevoked(fingerprint)
+    if expected is None:
+        return
+    row = conn.execute(
+        "SELECT key_data FROM keys WHERE fingerprint = %s", (fingerprint,)
+    ).fetchone()
+    if state_of(None if row is None else bytes(row[0])) != expected:
+        raise StaleMerge(f"the stored copy of {fingerprint} changed during the update")
 
 
 def _delete_unbound(conn: _Conn) -> None:

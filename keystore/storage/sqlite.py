@@ -16,7 +16,7 @@ from pathlib import Path
 
 from keystore.model import AuditEntry, Binding, EncryptionKey, PendingChange, StoredKey
 from keystore.storage.migrations import newer_schema
-from keystore.store import PRUNE_EVERY, StoreError, scope_kind
+from keystore.store import PRUNE_EVERY, KeyWasRevoked, StaleMerge, StoreError, scope_kind, state_of
 
 # Each entry upgrades the schema by one version; a store is brought up to date when opened.
 _MIGRATIONS = (
@@ -70,6 +70,11 @@ _MIGRATIONS = (
         sent INTEGER NOT NULL,
         PRIMARY KEY (fingerprint, kind)
     );
+    """,
+    # Revoked keys are remembered after their stored copy is gone.
+    """
+    CREATE TABLE revoked (fingerprint TEXT PRIMARY KEY, at INTEGER NOT NULL);
+    INSERT INTO revoked (fingerprint, at) SELECT fingerprint, updated FROM keys WHERE revoked;
     """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -174,12 +179,17 @@ class SQLiteKeyStore:
                 raise StoreError(f"key store listing failed: {error}") from error
         return [Binding(row[0], _row_to_key(row[2:]), row[1]) for row in rows]
 
-    def bind(self, address: str, key: StoredKey, *, replace: bool = True) -> None:
+    def bind(
+        self, address: str, key: StoredKey, *, replace: bool = True, expected: str | None = None
+    ) -> None:
         now = int(time.time())
         with self._lock:
             conn = self._connection()
             try:
                 with conn:
+                    # Write-locked from the first read on: the checks hold until the commit.
+                    conn.execute("BEGIN IMMEDIATE")
+                    _check_bind(conn, key.fingerprint, expected)
                     conn.execute(
                         "INSERT INTO keys (fingerprint, key_data, expires, encryption_keys,"
                         " user_ids, updated) VALUES (?, ?, ?, ?, ?, ?)"
@@ -204,11 +214,20 @@ class SQLiteKeyStore:
             except sqlite3.Error as error:
                 raise StoreError(f"key store update failed: {error}") from error
 
+    def was_revoked(self, fingerprint: str) -> bool:
+        return bool(
+            self._read("SELECT 1 FROM revoked WHERE fingerprint = ?", (fingerprint.upper(),))
+        )
+
     def revoke(self, fingerprint: str) -> int:
         with self._lock:
             conn = self._connection()
             try:
                 with conn:
+                    conn.execute(
+                        "INSERT OR IGNORE INTO revoked (fingerprint, at) VALUES (?, ?)",
+                        (fingerprint, int(time.time())),
+                    )
                     conn.execute(
                         "UPDATE keys SET revoked = 1, updated = ? WHERE fingerprint = ?",
                         (int(time.time()), fingerprint),
@@ -395,6 +414,17 @@ def _migrate(conn: sqlite3.Connection, *, fresh: bool) -> int:
         conn.execute("ROLLBACK")
         raise
     return SCHEMA_VERSION
+
+
+def _check_bind(conn: sqlite3.Connection, fingerprint: str, expected: str | None) -> None:
+    """Refuse a key ever revoked, and a merge made against a copy that has changed since."""
+    if conn.execute("SELECT 1 FROM revoked WHERE fingerprint = ?", (fingerprint,)).fetchone():
+        raise KeyWasRevoked(fingerprint)
+    if expected is None:
+        return
+    row = conn.execute("SELECT key_data FROM keys WHERE fingerprint = ?", (fingerprint,)).fetchone()
+    if state_of(None if row is None else row[0]) != expected:
+        raise StaleMerge(f"the stored copy of {fingerprint} changed during the update")
 
 
 def _delete_unbound(conn: sqlite3.Connection) -> None:

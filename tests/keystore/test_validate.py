@@ -13,7 +13,7 @@ from gpgfilter.process.cli import main
 from gpgfilter.process.config import load
 from keystore.storage.open import open_store
 from keystore.storage.sqlite import SQLiteKeyStore
-from keystore.store import KeyStore, StoreError
+from keystore.store import KeyStore, KeyWasRevoked, StoreError
 from keystore.validate import KeyRejected, validate_key
 from tests.support.openpgp_tools import KeyFactory, TestKey, list_packets
 
@@ -98,7 +98,8 @@ def test_revoked_key_stays_bound_and_remove_by_address(store: KeyStore, alice: T
     assert store.revoke(a.fingerprint) == 2
     (stored,) = store.keys_for("alice@example.test")
     assert stored.revoked and stored.key_data == a.key_data
-    store.bind("alice@example.test", a)  # a stale copy does not un-revoke it
+    with pytest.raises(KeyWasRevoked):  # nor is a stale copy bound again
+        store.bind("alice@example.test", a)
     assert store.keys_for("alice@example.test")[0].revoked
     assert [b.address for b in store.bindings()] == ["alias@example.test", "alice@example.test"]
     assert store.remove("ALICE@example.test") == 1

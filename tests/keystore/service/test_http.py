@@ -21,6 +21,7 @@ from click.testing import CliRunner
 
 from gpgfilter.process.cli import main
 from keystore import registration
+from keystore.service import http as server
 from keystore.service.http import Settings, client_ip
 from keystore.validate import validate_key
 from tests.support.keyserver_harness import (
@@ -504,6 +505,27 @@ async def test_openapi_document_lists_exactly_the_routes(tmp_path: Path) -> None
     assert document["openapi"].startswith("3.")
     documented = {(path, method) for path, item in document["paths"].items() for method in item}
     assert documented == routes
+
+
+def test_openapi_document_lists_every_error_code_with_its_status() -> None:
+    document = yaml.safe_load(server.OPENAPI.read_text())
+    listed = document["components"]["schemas"]["Error"]["properties"]["error"]["enum"]
+    sources = Path(server.__file__).read_text() + Path(registration.__file__).read_text()
+    refused = set(re.findall(r'Refused\(\s*"([a-z-]+)"', sources))
+    # Codes the HTTP layer answers itself carry their status beside them.
+    direct = set(re.findall(r'(?:_error\(\s*\d+,|"error": )\s*"([a-z-]+)"', sources))
+    assert refused <= set(server._STATUS)
+    assert sorted(listed) == sorted(refused | direct | set(server._STATUS))
+    statuses = {
+        status
+        for item in document["paths"].values()
+        for operation in item.values()
+        for status in operation["responses"]
+    }
+    assert {str(status) for status in server._STATUS.values()} <= statuses
+    described = document["components"]["schemas"]["Error"]["description"]
+    for code, status in server._STATUS.items():
+        assert f"{code} ({status})" in described, code
 
 
 async def test_notify_expiry_command_for_cron(tmp_path: Path, key_factory: KeyFactory) -> None:

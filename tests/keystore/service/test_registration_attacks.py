@@ -234,3 +234,32 @@ def test_the_key_service_does_not_start_without_its_domains(tmp_path: Path) -> N
     assert done.returncode != 0
     assert b"domains: required by the key service" in done.stderr
     assert b"Traceback" not in done.stderr
+
+
+async def test_a_revoked_key_cannot_come_back_after_it_was_replaced(
+    tmp_path: Path, key_factory: KeyFactory
+) -> None:
+    """Whoever holds the secret of a revoked key (its thief, say) tries to register an old
+    copy without the revocation once a new key replaced it and its stored copy is gone."""
+    kim = key_factory.make_multi_uid(["kim@example.test", "kim.b@example.test"])
+    successor = key_factory.make("kim@example.test")
+    async with keyserver(tmp_path) as ks:
+        await ks.register(kim)
+        # A challenge for the key's other address, mailed before the revocation.
+        status, body = await ks.upload("kim.b@example.test", kim.public)
+        assert status == 202, body
+        early = challenge_token(ks.relay, kim, "kim.b@example.test")
+        status, body = await ks.upload(kim.address, key_factory.revocation_certificate(kim))
+        assert (status, body["status"]) == (200, "revoked"), body
+        await ks.register(successor)
+        assert [k.fingerprint for k in ks.stored(kim.address)] == [successor.fingerprint]
+        mails = len(ks.relay.deliveries)
+        for address in (kim.address, "kim.b@example.test"):
+            status, body = await ks.upload(address, kim.public)
+            assert (status, body["error"]) == (422, "key-revoked"), body
+            assert "revoked" in body["message"]
+        assert len(ks.relay.deliveries) == mails  # no challenge went out
+        status, body = await ks.confirm(early)
+        assert (status, body["error"]) == (422, "key-revoked"), body
+        assert [k.fingerprint for k in ks.stored(kim.address)] == [successor.fingerprint]
+        assert ks.stored("kim.b@example.test") == []

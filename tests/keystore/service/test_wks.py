@@ -377,3 +377,19 @@ def test_sub_addresses_are_refused_and_a_confirmed_old_copy_rolls_nothing_back(
     server.handle(clear_response(kim.address, nonce_of(kim, request)))
     (stored,) = store.keys_for(kim.address)
     assert stored.usable_encryption_keys() == rotated.encryption_subkeys
+
+
+def test_a_key_revoked_before_it_was_replaced_is_never_published_again(
+    factory: KeyFactory, server: WksServer, store: SQLiteKeyStore
+) -> None:
+    old = factory.make(f"lena@{DOMAIN}")
+    new = factory.make(f"lena@{DOMAIN}")
+    request = server.handle(plain_submission(old.address, old.public))[0]
+    server.handle(clear_response(old.address, nonce_of(old, request)))
+    store.revoke(old.fingerprint)
+    store.bind(new.address, validate_key(new.public).key)
+    assert store.key(old.fingerprint) is None
+    request = server.handle(plain_submission(old.address, old.public))[0]
+    with pytest.raises(WksRejected, match="revoked"):
+        server.handle(clear_response(old.address, nonce_of(old, request)))
+    assert [k.fingerprint for k in store.keys_for(old.address)] == [new.fingerprint]

@@ -136,6 +136,22 @@ def test_a_version_1_store_is_upgraded_and_keeps_its_keys(
     assert _sql(postgres_dsn, "SELECT value FROM meta") == [(str(SCHEMA_VERSION),)]
 
 
+def test_a_version_2_store_keeps_its_revocations_forever(postgres_dsn: str) -> None:
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        conn.execute(_MIGRATIONS[0])
+        conn.execute(_MIGRATIONS[1])
+        conn.execute("INSERT INTO meta VALUES ('schema_version', '2')")
+        conn.execute("INSERT INTO keys VALUES ('F1', '\\x00', NULL, '[]', '[]', true, 1)")
+        conn.execute("INSERT INTO keys VALUES ('F2', '\\x00', NULL, '[]', '[]', false, 1)")
+        conn.execute("INSERT INTO bindings VALUES ('a@x.test', 'F1', 1), ('b@x.test', 'F2', 1)")
+    store = PostgresKeyStore(postgres_dsn)
+    try:
+        assert store.remove("a@x.test") == 1 and store.key("F1") is None
+        assert store.was_revoked("F1") and not store.was_revoked("F2")
+    finally:
+        store.close()
+
+
 def test_a_newer_schema_is_refused(postgres_dsn: str) -> None:
     PostgresKeyStore(postgres_dsn, create=True).close()
     _sql(postgres_dsn, "UPDATE meta SET value = '99' WHERE key = 'schema_version'")

@@ -13,7 +13,7 @@ import pytest
 from gpgfilter.process.config import KeystoreConfig
 from keystore.model import AuditEntry, PendingChange
 from keystore.storage.sqlite import SCHEMA_VERSION, SQLiteKeyStore
-from keystore.store import PRUNE_EVERY, KeyStore, StoreError
+from keystore.store import PRUNE_EVERY, KeyStore, KeyWasRevoked, StoreError
 from keystore.validate import validate_key
 from tests.support.openpgp_tools import TestKey
 
@@ -64,11 +64,32 @@ def test_audit_rate_counts_and_notices(store: KeyStore) -> None:
     assert store.mark_notice("F1", "expired")
 
 
+def test_a_version_2_sqlite_store_keeps_its_revocations_forever(
+    tmp_path: Path, alice: TestKey
+) -> None:
+    path = tmp_path / "k.sqlite"
+    store = SQLiteKeyStore(path, create=True)
+    key = validate_key(alice.public).key
+    store.bind(alice.address, key)
+    store.close()
+    with sqlite3.connect(path) as conn:  # a revocation as version 2 stored it
+        conn.execute("DROP TABLE revoked")
+        conn.execute("UPDATE keys SET revoked = 1")
+        conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    store = SQLiteKeyStore(path)
+    assert store.remove(alice.address) == 1  # the stored copy is gone ...
+    assert store.key(key.fingerprint) is None
+    assert store.was_revoked(key.fingerprint)  # ... the revocation is not
+    with pytest.raises(KeyWasRevoked):
+        store.bind(alice.address, key)
+    store.close()
+
+
 def test_an_older_sqlite_store_is_upgraded_and_a_newer_one_refused(tmp_path: Path) -> None:
     path = tmp_path / "k.sqlite"
     SQLiteKeyStore(path, create=True).close()
     with sqlite3.connect(path) as conn:
-        for table in ("pending", "audit", "events", "notices"):  # what version 1 lacked
+        for table in ("pending", "audit", "events", "notices", "revoked"):  # not in version 1
             conn.execute(f"DROP TABLE {table}")
         conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     store = SQLiteKeyStore(path)

@@ -29,8 +29,8 @@ from keystore.store import (
     stored_state,
 )
 from keystore.validate import merge_key, validate_key
-from tests.support.openpgp_tools import KeyFactory
 from tests.keystore.test_merge import RecordingMailer, _drop_subkey, registry
+from tests.support.openpgp_tools import KeyFactory
 
 
 def second_host(config: KeystoreConfig, tmp_path: Path) -> KeyStore:

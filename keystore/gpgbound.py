@@ -84,7 +84,9 @@ class BoundedGPG(gnupg.GPG):  # type: ignore[misc]
         with contextlib.suppress(ProcessLookupError, PermissionError):
             cpu = (GPG_CPU_SECONDS, GPG_CPU_SECONDS + 1)  # SIGXCPU, then SIGKILL
             resource.prlimit(process.pid, resource.RLIMIT_CPU, cpu)
-            resource.prlimit(process.pid, resource.RLIMIT_CORE, (0, 0))
+            # Not RLIMIT_CORE: gpg turns core dumps off itself at start, and lowering the hard
+            # limit under it at that moment makes its own setrlimit fail ("Fatal: can't
+            # disable core dumps"), refusing a good key at random.
             # The filter's own gpg (the mail) goes first when both want the CPU.
             os.setpriority(os.PRIO_PROCESS, process.pid, GPG_NICENESS)
         return process

@@ -261,6 +261,10 @@ class Config:
     domains: tuple[str, ...] = ()
     recipient_delimiter: str = "+"
     max_message_size: int = 64 * 1024 * 1024
+    # Connections open at once on ``listen``; past it a new one gets 421. Bounds memory in
+    # total (each connection holds at most max_message_size). Postfix's own transport
+    # concurrency is 20 by default.
+    max_connections: int = 64
     # Seconds for a whole downstream transaction.
     delivery_timeout: float = 300.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -278,6 +282,8 @@ class Config:
             _check_connects(self.deliver, "deliver")
         if self.max_message_size < 1024:
             raise ConfigError("max_message_size: must be at least 1024 bytes")
+        if self.max_connections < 1:
+            raise ConfigError("max_connections: must be at least 1")
         if self.delivery_timeout <= 0:
             raise ConfigError("delivery_timeout: must be positive")
         if not self.recipient_delimiter.strip() and self.recipient_delimiter:

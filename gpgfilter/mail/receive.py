@@ -12,7 +12,7 @@ import asyncio
 import io
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from aiosmtpd.lmtp import LMTP
@@ -38,6 +38,8 @@ _END = b".\r\n"
 
 TOO_BIG = Reply(552, "5.3.4 Message too big for this system")
 TOO_LONG = Reply(500, "5.5.6 Line too long")
+# The greeting of a connection past the listener's cap: Postfix defers and retries later.
+TOO_MANY = Reply(421, "4.3.2 Too many connections, try again later")
 
 
 class DataReader:
@@ -146,6 +148,16 @@ class _BoundedData(SMTP):
     characters in envelope addresses, and which answers once per recipient in LMTP."""
 
     line_length_limit = _LINE_LIMIT
+    # Gives the connection's slot back to the listener's cap (see ``listen``).
+    release_slot: Callable[[], None] | None = None
+
+    def connection_lost(self, error: Exception | None) -> None:
+        try:
+            super().connection_lost(error)
+        finally:
+            release, self.release_slot = self.release_slot, None
+            if release is not None:
+                release()
 
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
@@ -287,17 +299,60 @@ async def start_server(
     *,
     hostname: str,
     data_size_limit: int,
+    max_connections: int,
 ) -> asyncio.AbstractServer:
     """Listen on ``endpoint`` for Postfix; a message past ``data_size_limit`` is refused
-    (552, once per recipient in LMTP) while it streams."""
+    (552, once per recipient in LMTP) while it streams, a connection past
+    ``max_connections`` open at once is refused (421) at once."""
     return await listen(
         handler,
         endpoint,
         lmtp=handler.lmtp,
         hostname=hostname,
         data_size_limit=data_size_limit,
+        max_connections=max_connections,
         ident="gpgfilter",
     )
+
+
+class _Refused(asyncio.Protocol):
+    """A connection past the cap: the 421 greeting, then the close. It reads nothing and holds
+    no buffer, so a flood of connections costs no more than accepting them."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(f"{TOO_MANY}\r\n".encode())
+        transport.close()
+
+
+class _Slots:
+    """Connections open on one listener, at most ``limit``: memory per connection is bounded
+    (by the size limit), so this bounds the listener's memory in total."""
+
+    def __init__(self, limit: int, ident: str) -> None:
+        self.limit = limit
+        self.ident = ident
+        self.open = 0
+        self.full = False
+
+    def take(self) -> bool:
+        if self.open >= self.limit:
+            if not self.full:  # once per episode, not once per refused connection
+                log.warning(
+                    "%s: %d connections open, the most allowed: refusing new ones (421)",
+                    self.ident,
+                    self.limit,
+                )
+            self.full = True
+            return False
+        self.open += 1
+        return True
+
+    def release(self) -> None:
+        self.open -= 1
+        if self.full and self.open < self.limit:
+            self.full = False
+            log.info("%s: accepting connections again", self.ident)
 
 
 async def listen(
@@ -307,24 +362,36 @@ async def listen(
     lmtp: bool,
     hostname: str,
     data_size_limit: int,
+    max_connections: int,
     ident: str,
 ) -> asyncio.AbstractServer:
     """An aiosmtpd SMTP or LMTP server on ``endpoint``; each connection gets its own protocol
     instance, raw bytes (no decoding), SMTPUTF8, and memory bounded by ``data_size_limit``
-    whatever the client sends."""
+    whatever the client sends. With ``max_connections`` open, a new connection gets 421 and
+    is closed: in total the listener holds at most ``max_connections * data_size_limit``."""
     loop = asyncio.get_running_loop()
     chosen: Any = _LMTPServer if lmtp else _SMTPServer
+    # Counted from the protocol's creation, not its connection_made: asyncio may accept a
+    # whole backlog of connections before any of them is made.
+    slots = _Slots(max_connections, ident)
 
-    def factory() -> SMTP:
-        server: SMTP = chosen(
-            handler,
-            data_size_limit=data_size_limit,
-            enable_SMTPUTF8=True,
-            decode_data=False,
-            hostname=hostname,
-            ident=ident,
-            loop=loop,
-        )
+    def factory() -> asyncio.Protocol:
+        if not slots.take():
+            return _Refused()
+        try:
+            server: _BoundedData = chosen(
+                handler,
+                data_size_limit=data_size_limit,
+                enable_SMTPUTF8=True,
+                decode_data=False,
+                hostname=hostname,
+                ident=ident,
+                loop=loop,
+            )
+        except BaseException:
+            slots.release()
+            raise
+        server.release_slot = slots.release
         return server
 
     if endpoint.is_unix:

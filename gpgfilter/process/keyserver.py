@@ -33,6 +33,10 @@ from keystore.store import KeyStore
 
 log = logging.getLogger(__name__)
 
+# WKS mail is a trickle (a submission and a confirmation per key): a few connections at once
+# are plenty, and cap the listener's memory at a few MAX_MESSAGE_BYTES.
+WKS_MAX_CONNECTIONS = 8
+
 
 class ThrowAwayEncryptor:
     """The key service's :class:`~keystore.service.outbound.Encryptor`: the filter's engine,
@@ -222,6 +226,7 @@ async def start_wks_listener(
         lmtp=handler.lmtp,
         hostname=hostname,
         data_size_limit=MAX_MESSAGE_BYTES,
+        max_connections=WKS_MAX_CONNECTIONS,
         ident="gpgfilter-wks",
     )
 

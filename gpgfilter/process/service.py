@@ -63,7 +63,7 @@ class Service:
         except ConfigError as error:
             log.error("configuration not reloaded: %s", error)
             return False
-        for name in ("mode", "listen", "max_message_size", "metrics"):
+        for name in ("mode", "listen", "max_message_size", "max_connections", "metrics"):
             if getattr(new, name) != getattr(self.config, name):
                 log.warning("%s changed: it takes effect only after a restart", name)
         new = dataclasses.replace(
@@ -71,6 +71,7 @@ class Service:
             mode=self.config.mode,
             listen=self.config.listen,
             max_message_size=self.config.max_message_size,
+            max_connections=self.config.max_connections,
             metrics=self.config.metrics,
         )
         try:
@@ -183,6 +184,7 @@ async def start(
         config.listen,
         hostname=config.hostname,
         data_size_limit=config.max_message_size,
+        max_connections=config.max_connections,
     )
     log.info(
         "gpgfilter listening on %s (%s), delivering to %s",

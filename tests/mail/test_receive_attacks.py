@@ -27,6 +27,9 @@ GROWTH_LIMIT_MB = 64
 # Small enough that holding one whole message stays far below the growth limit.
 MAX_MESSAGE_SIZE = 4 * MB
 FLOOD_DEADLINE = 120.0
+# The filter's max_connections in the tests of the connection cap.
+CAP = 3
+WKS_CAP = 8  # gpgfilter.process.keyserver.WKS_MAX_CONNECTIONS
 
 
 def _status_kb(pid: int, field: str) -> int:
@@ -116,14 +119,19 @@ def filter_smtp(tmp_path: Path) -> Iterator[Listener]:
     yield from _filter(tmp_path, "smtp")
 
 
-def _filter(root: Path, mode: str) -> Iterator[Listener]:
+@pytest.fixture
+def filter_capped(tmp_path: Path) -> Iterator[Listener]:
+    yield from _filter(tmp_path, "lmtp", f"max_connections: {CAP}\n")
+
+
+def _filter(root: Path, mode: str, extra_yaml: str = "") -> Iterator[Listener]:
     # Nothing listens downstream: whatever gets through is deferred, which no test here wants.
     process = FilterProcess(
         root / "filter",
         mode=mode,
         port=free_port(),
         deliver_port=free_port(),
-        extra_yaml=f"max_message_size: {MAX_MESSAGE_SIZE}\n",
+        extra_yaml=f"max_message_size: {MAX_MESSAGE_SIZE}\n{extra_yaml}",
     )
     process.start()
     try:
@@ -289,3 +297,89 @@ def test_wks_listener_refuses_control_characters_in_addresses(wks_listener: List
     finally:
         client.close()
     assert "\x00" not in wks_listener.log()
+
+
+def _greeting(port: int) -> tuple[socket.socket, str]:
+    """A new connection and its greeting (empty when closed without one)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    data = b""
+    while not data.endswith(b"\r\n"):
+        piece = sock.recv(4096)
+        if not piece:
+            break
+        data += piece
+    return sock, data.decode("utf-8", "replace").strip()
+
+
+def _refused(port: int) -> bool:
+    """Whether a new connection is refused as over the cap: 421, then closed by the server."""
+    sock, greeting = _greeting(port)
+    try:
+        if greeting.startswith("220"):
+            return False
+        assert greeting == "421 4.3.2 Too many connections, try again later", greeting
+        assert sock.recv(4096) == b""  # closed after the 421
+        return True
+    finally:
+        sock.close()
+
+
+def _held_then_freed(listener: Listener, cap: int) -> None:
+    """``cap`` connections are served, more are refused, and one closing frees its place."""
+    held = [Client(listener.port) for _ in range(cap)]
+    try:
+        assert all(_refused(listener.port) for _ in range(cap * 3))
+        for client in held:  # the connections within the cap are untouched
+            assert client.command(b"NOOP").startswith("250")
+        held.pop().close()
+        deadline = time.monotonic() + 10
+        while _refused(listener.port):
+            assert time.monotonic() < deadline, "a closed connection never gave its place back"
+            time.sleep(0.1)
+    finally:
+        for client in held:
+            client.close()
+
+
+def test_filter_refuses_connections_past_its_cap_until_one_closes(
+    filter_capped: Listener,
+) -> None:
+    _held_then_freed(filter_capped, CAP)
+    time.sleep(0.2)
+    log = filter_capped.log()
+    assert log.count("refusing new ones (421)") == 1, log  # once per episode, not per client
+
+
+def test_wks_listener_refuses_connections_past_its_cap(wks_listener: Listener) -> None:
+    _held_then_freed(wks_listener, WKS_CAP)
+
+
+def test_filter_memory_is_bounded_in_total_whatever_the_number_of_connections(
+    filter_capped: Listener,
+) -> None:
+    """Many connections each streaming most of a message: only the capped few are read, so the
+    filter's growth stays within CAP messages however many clients try."""
+    before = filter_capped.warm_up()
+    clients: list[Client] = []
+    refused = 0
+    try:
+        for _ in range(16):
+            sock, greeting = _greeting(filter_capped.port)
+            if not greeting.startswith("220"):
+                assert greeting.startswith("421"), greeting
+                refused += 1
+                sock.close()
+                continue
+            client = Client.__new__(Client)
+            client.sock, client.buffer = sock, b""
+            client.begin(b"r1@example.test")
+            client.flood(b"a line of a large message, held open by its sender\r\n", 3 * MB)
+            clients.append(client)
+        time.sleep(1)  # what was sent is read
+        growth = filter_capped.growth_mb(before)
+        print(f"RSS growth with {len(clients)} connections holding 3 MB each: {growth:.0f} MB")
+        assert growth <= CAP * MAX_MESSAGE_SIZE / MB + 16
+        assert len(clients) == CAP and refused == 16 - CAP
+    finally:
+        for client in clients:
+            client.close()

@@ -287,8 +287,11 @@ class WksServer:
 
     async def _decrypt(self, armored: bytes) -> bytes:
         """Decryption is gpg work a stranger can cause: bounded like a key check."""
-        async with self.registry.gpg_slots.hold():
-            return await asyncio.to_thread(self.key.decrypt, armored)
+        try:
+            async with self.registry.gpg_slots.hold():
+                return await asyncio.to_thread(self.key.decrypt, armored)
+        except Busy as busy:
+            raise WksDeferred(str(busy)) from None
 
     async def _ruled(self, change: Awaitable[Outcome]) -> Outcome:
         """The registry's answer in WKS terms: a refusal is permanent (550, its reason to the

@@ -356,7 +356,7 @@ class Registry:
                 " (unknown, already used or expired): submit the key again",
             )
         if pending.key.revoked or not pending.key.usable_encryption_keys(now):
-            raise Refused("key-unusable", "the key can no longer encrypt: submit a renewed key")
+            raise Refused("key-rejected", "the key can no longer encrypt: submit a renewed key")
         return await self._bind_pending(pending, ACTOR_WKS)
 
     async def _submit(

@@ -52,6 +52,10 @@ _TOKEN = re.compile(r"^[A-Za-z0-9_-]{43}$")  # secrets.token_urlsafe(32)
 TOKEN_BYTES = 32
 ORIGIN_UPLOAD = "web"
 ORIGIN_WITHDRAW = "withdraw"
+ORIGIN_WKS = "wks"
+ACTOR_WKS = "wks"
+# A WKS nonce as this registry makes it (token_urlsafe) or as earlier versions did (z-base-32).
+_NONCE = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 
 Purpose = Literal["confirm", "withdraw"]
 _T = TypeVar("_T")
@@ -267,6 +271,12 @@ class Registry:
             await self._changed("withdrawn", address, key, "self-service")
             return Outcome("withdrawn", address, key.fingerprint, key.expires)
 
+        return await self._bind_pending(pending, "self-service")
+
+    async def _bind_pending(self, pending: PendingChange, actor: str) -> Outcome:
+        """Bind the key a confirmed change was for, merged with any stored copy of it."""
+        address = pending.address
+
         async def attempt() -> tuple[str, StoredKey]:
             active = await self._keys(address)
             merged, expected = await self._forward(pending.key)
@@ -281,7 +291,7 @@ class Registry:
             return action, merged
 
         action, key = await self._retrying(attempt)
-        await self._changed(action, address, key, "self-service")
+        await self._changed(action, address, key, actor)
         return Outcome(action, address, key.fingerprint, key.expires)
 
     async def status(self, address: str) -> Status:
@@ -307,6 +317,88 @@ class Registry:
                 max_bytes=self.policy.max_key_bytes,
                 gpg_binary=self.policy.gpg_binary,
             )
+
+    # -- Web Key Service -------------------------------------------------------------------
+    async def submit_wks(
+        self, address: str, data: bytes, mailer: Mailer, *, token_ttl: int | None = None
+    ) -> Outcome:
+        """A key mailed by ``address`` to the WKS submission address, under the rules of an
+        upload: an update of the active key or a revocation takes effect at once, a key ever
+        revoked is refused, and a new key costs a challenge (counted toward the address's rate
+        limit, shared with the HTTP uploads). The challenge is the draft's confirmation
+        request, which ``mailer`` composes and sends; the change waits with origin ``wks``."""
+        return await self._submit(
+            address,
+            data,
+            actor=ACTOR_WKS,
+            origin=ORIGIN_WKS,
+            mailer=mailer,
+            token_ttl=token_ttl or self.policy.token_ttl,
+        )
+
+    async def confirm_wks(self, address: str, nonce: str) -> Outcome:
+        """A WKS confirmation response: binds the key only when ``nonce`` is that of a pending
+        WKS change for ``address``. A response naming another address uses nothing up, so a
+        guess cannot burn the owner's request."""
+        if not _NONCE.match(nonce):
+            raise Refused("token-malformed", "the confirmation carries no valid nonce")
+        address = normalise_address(address)
+        now = int(self.clock())
+        hashed = token_hash(nonce)
+        waiting = await asyncio.to_thread(self.store.pending_for, address, now)
+        found = any(p.token_hash == hashed and p.origin == ORIGIN_WKS for p in waiting)
+        pending = await asyncio.to_thread(self.store.take_pending, hashed, now) if found else None
+        if pending is None or pending.address != address:
+            log.info("WKS confirmation for %s refused: no matching request", address)
+            raise Refused(
+                "token-invalid",
+                f"no pending key publication for {address} matches this confirmation"
+                " (unknown, already used or expired): submit the key again",
+            )
+        if pending.key.revoked or not pending.key.usable_encryption_keys(now):
+            raise Refused("key-rejected", "the key can no longer encrypt: submit a renewed key")
+        return await self._bind_pending(pending, ACTOR_WKS)
+
+    async def _submit(
+        self,
+        address: str,
+        data: bytes,
+        *,
+        actor: str,
+        origin: str,
+        mailer: Mailer,
+        token_ttl: int,
+    ) -> Outcome:
+        """The upload rules for a key that arrived by ``actor``'s way (see :meth:`upload`)."""
+        address = self._address(address)
+        self._check_size(data)
+        if await asyncio.to_thread(looks_like_revocation, data):
+            return await self._revoke(address, data, actor=actor)
+        try:
+            validated = await self._validate(data, address, require_uid=True)
+        except KeyRevoked as revoked:
+            if any(k.fingerprint == revoked.fingerprint for k in await self._keys(address)):
+                return await self._revoke(address, data, actor=actor)
+            await self._remember_revocation(revoked.fingerprint)
+            raise Refused("key-rejected", str(revoked)) from None
+        except KeyRejected as error:
+            log.info("submission for %s refused: %s", address, error)
+            raise Refused("key-rejected", str(error)) from None
+        key = validated.key
+        same = next(
+            (k for k in await self._keys(address) if k.fingerprint == key.fingerprint), None
+        )
+        if same is not None:
+            return await self._update(address, data, same, actor=actor)
+        await self._refuse_revoked(key.fingerprint)
+        if self.limiter is not None:
+            await self.limiter.address(address)
+        token = secrets.token_urlsafe(TOKEN_BYTES)
+        now = int(self.clock())
+        pending = PendingChange(token_hash(token), address, key, now, now + token_ttl, origin)
+        await self._challenge(pending, token, "confirm", mailer)
+        log.info("key %s for %s waits for confirmation (%s)", key.fingerprint, address, actor)
+        return Outcome("pending", address, key.fingerprint, pending.expires)
 
     # -- administrator ---------------------------------------------------------------------
     async def admin_bind(self, address: str, data: bytes) -> Outcome:
@@ -395,11 +487,14 @@ class Registry:
     async def _keys(self, address: str) -> list[StoredKey]:
         return await asyncio.to_thread(self.store.keys_for, address)
 
-    async def _challenge(self, pending: PendingChange, token: str, purpose: Purpose) -> None:
-        """Keep the change, then mail its token; a change whose mail failed is dropped again."""
+    async def _challenge(
+        self, pending: PendingChange, token: str, purpose: Purpose, mailer: Mailer | None = None
+    ) -> None:
+        """Keep the change, then mail its token (by ``mailer``, else the registry's own); a
+        change whose mail failed is dropped again."""
         await asyncio.to_thread(self.store.add_pending, pending)
         try:
-            await self.mailer.send_challenge(
+            await (mailer or self.mailer).send_challenge(
                 pending.address, pending.key, purpose=purpose, token=token, expires=pending.expires
             )
         except MailError as error:
@@ -442,16 +537,17 @@ class Registry:
         self, stored: StoredKey, data: bytes, address: str, *, require_uid: bool
     ) -> MergedKey:
         try:
-            return await asyncio.to_thread(
-                merge_key,
-                stored,
-                data,
-                address=address,
-                require_uid=require_uid,
-                min_valid_days=self.policy.min_valid_days,
-                max_bytes=self.policy.max_key_bytes,
-                gpg_binary=self.policy.gpg_binary,
-            )
+            async with self.gpg_slots.hold():  # gpg checks the merged copy: bounded, as uploads
+                return await asyncio.to_thread(
+                    merge_key,
+                    stored,
+                    data,
+                    address=address,
+                    require_uid=require_uid,
+                    min_valid_days=self.policy.min_valid_days,
+                    max_bytes=self.policy.max_key_bytes,
+                    gpg_binary=self.policy.gpg_binary,
+                )
         except KeyRevoked:
             raise
         except KeyRejected as error:

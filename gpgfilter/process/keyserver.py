@@ -154,14 +154,17 @@ async def _expiry_loop(registry: Registry, interval: int) -> None:
         await asyncio.sleep(interval)
 
 
-def add_publication(config: Config, store: KeyStore, app: web.Application) -> None:
+def add_publication(
+    config: Config, store: KeyStore, app: web.Application, registry: Registry
+) -> None:
     """Web Key Directory routes and the Web Key Service mail listener, when
-    ``publication.domains`` names domains. Blocking (makes the submission key on first use):
-    call it before the event loop runs."""
+    ``publication.domains`` names domains; WKS goes through ``registry``, the HTTP API's, so
+    both follow the same rules and share its validation slots and rate limits. Blocking (makes
+    the submission key on first use): call it before the event loop runs."""
     publication = config.publication
     if not publication.domains:
         return
-    wks, relay = wks_from_config(config, store)
+    wks, relay = wks_from_config(config, registry)
     lookup = StoreWkdLookup(
         store,
         publication.domains,
@@ -187,8 +190,8 @@ def add_publication(config: Config, store: KeyStore, app: web.Application) -> No
 def run(config: Config) -> None:
     config.require_served_domains()  # before anything is opened or made
     store = open_store(config)
-    app, _, _ = build(config, store)
-    add_publication(config, store, app)
+    app, registry, _ = build(config, store)
+    add_publication(config, store, app, registry)
     listen = config.keyserver.listen
     log.info("key service on %s, public URL %s", listen, config.keyserver_url)
     try:
@@ -231,7 +234,7 @@ async def start_wks_listener(
     )
 
 
-def wks_from_config(config: Config, store: KeyStore) -> tuple[WksServer, MailClient]:
+def wks_from_config(config: Config, registry: Registry) -> tuple[WksServer, MailClient]:
     """The WKS server and its relay client as ``config.publication`` describes them; the
     submission key is made on first use. Blocking (gpg): call it before the event loop runs
     or in a thread."""
@@ -240,13 +243,11 @@ def wks_from_config(config: Config, store: KeyStore) -> tuple[WksServer, MailCli
         raise ValueError("publication.domains is empty: nothing to publish")
     key = ServiceKey.open(config.wks_home, publication.submission, gpg_binary=config.gpg.binary)
     server = WksServer(
-        store=store,
+        registry=registry,
         service_key=key,
         encryptor=ThrowAwayEncryptor(config.gpg),
         domains=publication.domains,
         token_ttl=publication.token_ttl,
-        gpg_binary=config.gpg.binary,
-        recipient_delimiter=config.recipient_delimiter,
     )
     client = MailClient(
         publication.wks_relay, lmtp=False, helo=config.hostname, timeout=config.delivery_timeout

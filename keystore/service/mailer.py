@@ -90,6 +90,8 @@ class Mailer:
             "admin-api": "\n\nThe change was made by the mail administrator.",
             "self-service": f"\n\nThe change was made on {self.public_url}/ by someone who proved"
             " they hold the key and can read your mail.",
+            "wks": "\n\nThe change was made by mail (Web Key Service) by someone who proved they"
+            " hold the key and can read your mail.",
         }.get(notice.actor, "")
         body = (
             f"{text}{by}\n\nIf you did not expect this, tell your mail administrator.\n"

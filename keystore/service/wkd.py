@@ -31,6 +31,11 @@ _ZBASE32 = "ybndrfg8ejkmcpqxot1uwisza345h769"
 _HASH = re.compile(f"^[{_ZBASE32}]{{32}}$")
 WELL_KNOWN = "/.well-known/openpgpkey"
 CORS = {"Access-Control-Allow-Origin": "*"}
+# Store reads for WKD run in threads, at most this many at once, so that a flood of lookups (or
+# a slow store) cannot take every worker thread the registration API needs; a lookup that
+# waits longer than LOOKUP_WAIT seconds for its turn gets 503 with Retry-After.
+LOOKUPS_AT_ONCE = 4
+LOOKUP_WAIT = 5.0
 
 
 def zbase32(data: bytes) -> str:
@@ -164,18 +169,22 @@ class StoreWkdLookup:
         return self.submission or None
 
 
-def wkd_routes(lookup: WkdLookup) -> list[web.RouteDef]:
+def wkd_routes(
+    lookup: WkdLookup, *, at_once: int = LOOKUPS_AT_ONCE, wait: float = LOOKUP_WAIT
+) -> list[web.RouteDef]:
     """aiohttp routes for both layouts; the direct layout takes the domain from ``Host``.
 
     Every answer carries ``Access-Control-Allow-Origin: *`` (the draft asks for it, so that
-    web mail clients can look keys up).
+    web mail clients can look keys up). Key lookups run off the event loop, ``at_once`` at
+    most; the policy and submission-address answers need no store.
     """
+    turns = _Turns(at_once, wait)
 
     async def direct_key(request: web.Request) -> web.Response:
-        return await _key(lookup, _host_domain(request), request)
+        return await _key(lookup, _host_domain(request), request, turns)
 
     async def advanced_key(request: web.Request) -> web.Response:
-        return await _key(lookup, request.match_info["domain"].lower(), request)
+        return await _key(lookup, request.match_info["domain"].lower(), request, turns)
 
     async def direct_policy(request: web.Request) -> web.Response:
         return _policy(lookup, _host_domain(request))
@@ -211,13 +220,35 @@ def _not_found() -> web.Response:
     return web.Response(status=404, text="not found\n", headers=CORS)
 
 
-async def _key(lookup: WkdLookup, domain: str, request: web.Request) -> web.Response:
+class _Turns:
+    """At most ``at_once`` store reads in threads; a turn waited for at most ``wait`` s."""
+
+    def __init__(self, at_once: int, wait: float) -> None:
+        self.free = asyncio.Semaphore(at_once)
+        self.wait = wait
+
+    async def run(
+        self, lookup: WkdLookup, domain: str, hashed: str, local: str | None
+    ) -> bytes | None:
+        async with asyncio.timeout(self.wait):
+            await self.free.acquire()
+        try:
+            return await asyncio.to_thread(lookup.key, domain, hashed, local)
+        finally:
+            self.free.release()
+
+
+async def _key(lookup: WkdLookup, domain: str, request: web.Request, turns: _Turns) -> web.Response:
     hashed = request.match_info["hash"]
     if not _HASH.match(hashed) or not lookup.serves(domain):
         return _not_found()
     local = request.query.get("l")
     try:
-        data = await asyncio.to_thread(lookup.key, domain, hashed, local)
+        data = await turns.run(lookup, domain, hashed, local)
+    except TimeoutError:
+        log.warning("WKD lookup refused: every lookup slot stayed busy")
+        busy = {**CORS, "Retry-After": str(max(1, round(turns.wait)))}
+        return web.Response(status=503, text="busy, try again shortly\n", headers=busy)
     except StoreError as error:
         log.error("WKD lookup failed: %s", error)
         return web.Response(status=503, text="key store unavailable\n", headers=CORS)

@@ -3,18 +3,23 @@
 1. The user's client (``gpg-wks-client --create``, Thunderbird, Kmail) mails the key as
    ``application/pgp-keys`` to the submission address, usually PGP/MIME-encrypted to the
    submission address's key, which it found by WKD.
-2. :meth:`WksServer.handle` validates it, keeps it as a pending change (origin ``wks``, the
-   nonce stored only as its SHA-256) and answers with a *confirmation request*: the nonce,
-   encrypted to the submitted key and mailed to the key's address, so only someone who can read
-   that mailbox *and* holds the secret key learns it. The request is signed by the service.
-3. The client returns the nonce in a *confirmation response*; :meth:`WksServer.handle` takes the
-   pending change (once, before it expires), binds the key — the address's former key stays
-   active until this moment — records it in the audit trail and says so to the user.
+2. :meth:`WksServer.process` reads it and hands the key to the registry
+   (:meth:`~keystore.registration.Registry.submit_wks`), which applies the rules of an HTTP
+   upload: an update of the active key or a revocation takes effect at once, a revoked key is
+   refused, and a new key waits as a pending change (origin ``wks``, the nonce stored only as its
+   SHA-256) while :class:`WksMailer` sends the *confirmation request*: the nonce, encrypted to
+   the submitted key and mailed to the key's address, so only someone who can read that
+   mailbox *and* holds the secret key learns it. The request is signed by the service.
+3. The client returns the nonce in a *confirmation response*;
+   :meth:`~keystore.registration.Registry.confirm_wks` takes the pending change (once, before it
+   expires) and binds the key — the address's former key stays active until this moment. The
+   change is audited (actor ``wks``) and the owner gets the registry's notice, as for HTTP.
 
-Everything here is mail in, mail out: :meth:`WksServer.handle` takes the received bytes and
-returns the messages to send, so the mail listener (:mod:`keystore.service.wks_listener`) or
-any other host process decides how mail travels. gpg runs as a subprocess; logs name addresses and
-fingerprints, never keys, nonces or message content.
+Everything here is mail in, mail out through a ``send`` callable, so the mail listener
+(:mod:`keystore.service.wks_listener`) or any other host process decides how mail travels.
+Header fields the email package parses are bounded before it sees a message, and whatever it
+cannot read is refused for good. gpg runs as a subprocess in a thread, within the registry's
+validation slots; logs name addresses and fingerprints, never keys, nonces or message content.
 """
 
 from __future__ import annotations
@@ -22,24 +27,23 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
-import hashlib
 import logging
+import re
 import secrets
 import subprocess
 import time
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from email.message import Message
 from email.utils import formatdate, make_msgid, parseaddr
 from pathlib import Path
-from typing import Any
 
 from keystore.gpg import GPG_OPTIONS
-from keystore.model import AuditEntry, PendingChange, StoredKey
+from keystore.gpgbound import Busy
+from keystore.model import StoredKey
+from keystore.ratelimit import RateLimited
+from keystore.registration import MailError, Notice, Outcome, Purpose, Refused, Registry
 from keystore.service.outbound import EncryptionFailed, Encryptor, Send
-from keystore.service.wkd import publishable, zbase32
-from keystore.store import MERGE_ATTEMPTS, KeyStore, KeyWasRevoked, StaleMerge, stored_state
-from keystore.validate import KeyRejected, KeyRevoked, merge_key, validate_key
 
 log = logging.getLogger(__name__)
 
@@ -77,19 +81,13 @@ class WksRejected(WksError):
     """A WKS message that is refused, with the precise reason for its sender."""
 
 
+class WksDeferred(WksError):
+    """A WKS message that cannot be processed now (the service is busy, the confirmation
+    request did not go out): the sender's server retries it later."""
+
+
 class GpgFailed(Exception):
     """gpg failed on the service's side: a temporary problem, the mail is retried."""
-
-
-@dataclass(frozen=True, slots=True)
-class Outgoing:
-    """A message the service wants sent; ``essential`` ones must go out for the received
-    message to count as processed (the others are courtesy notices)."""
-
-    mail_from: str
-    recipients: tuple[str, ...]
-    data: bytes
-    essential: bool = True
 
 
 def _gpg(
@@ -235,121 +233,94 @@ def new_boundary() -> str:
     return f"gpgfilter.{secrets.token_hex(16)}_"
 
 
-def token_hash(nonce: str) -> str:
-    return hashlib.sha256(nonce.encode("utf-8")).hexdigest()
-
-
 def _crlf(data: bytes) -> bytes:
     return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 
 class WksServer:
-    """The server side of the Web Key Service, over a :class:`KeyStore`."""
+    """The server side of the Web Key Service: reads the mail, and leaves every decision about
+    keys to the :class:`~keystore.registration.Registry` (the same rules as the HTTP API)."""
 
     def __init__(
         self,
         *,
-        store: KeyStore,
+        registry: Registry,
         service_key: ServiceKey,
         domains: Iterable[str],
         encryptor: Encryptor,
         token_ttl: int = 86400,
-        gpg_binary: str = "gpg",
-        max_requests_per_hour: int = 5,
         clock: Callable[[], float] = time.time,
-        recipient_delimiter: str = "+",
     ) -> None:
-        self.store = store
+        self.registry = registry
         self.key = service_key
         self.address = service_key.address
         self.domains = frozenset(d.lower() for d in domains)
         self.encryptor = encryptor
-        self._loop: asyncio.AbstractEventLoop | None = None
         self.token_ttl = token_ttl
-        self.gpg_binary = gpg_binary
-        self.max_requests_per_hour = max_requests_per_hour
         self.clock = clock
-        self.delimiters = recipient_delimiter
 
-    # -- entry points -------------------------------------------------------------------------
-    async def process(self, raw: bytes, send: Send) -> None:
-        """Handle one received message and send what it calls for (gpg runs in a thread)."""
-        self._loop = asyncio.get_running_loop()
-        for mail in await asyncio.to_thread(self.handle, raw):
-            try:
-                await send(mail.mail_from, list(mail.recipients), mail.data)
-            except Exception as error:
-                if mail.essential:
-                    raise
-                log.warning("WKS notice not sent: %s", type(error).__name__)
-
-    def handle(self, raw: bytes) -> list[Outgoing]:
-        """A submission or a confirmation response in, the mail to send out.
+    # -- entry point ---------------------------------------------------------------------------
+    async def process(self, raw: bytes, send: Send) -> Outcome:
+        """A submission or a confirmation response in; what it calls for is sent by ``send``.
 
         Raises WksIgnored for what is no WKS message, WksRejected for a WKS message refused
-        (the reason is meant for its sender) and GpgFailed or StoreError for a temporary
-        problem on our side.
+        (the reason is meant for its sender) and WksDeferred, GpgFailed or StoreError for a
+        temporary problem on our side. Nothing here blocks the event loop: parsing and gpg run
+        in threads, gpg within the registry's validation slots.
         """
         if len(raw) > MAX_MESSAGE_BYTES:
             raise WksRejected(f"the message is larger than {MAX_MESSAGE_BYTES} bytes")
-        message = email.message_from_bytes(raw, policy=email.policy.compat32)
-        sender = parseaddr(str(message.get("From", "")))[1].strip().lower()
-        content = message
-        if message.get_content_type() == "multipart/encrypted":
-            content = email.message_from_bytes(
-                self.key.decrypt(_pgp_mime_ciphertext(message)), policy=email.policy.compat32
-            )
-        key_data = _part_payload(content, "application/pgp-keys")
-        if key_data is not None:
-            return [self._submission(sender, key_data)]
-        wks_data = _part_payload(content, "application/vnd.gnupg.wks")
-        if wks_data is not None:
-            if wks_data.lstrip().startswith(b"-----BEGIN PGP MESSAGE"):
-                wks_data = self.key.decrypt(wks_data)
-            return self._response(wks_data)
-        if content is not message:
-            raise WksRejected("the encrypted message holds neither a key nor WKS data")
+        parts = await asyncio.to_thread(read_message, raw)
+        if parts.ciphertext is not None:
+            inner = await asyncio.to_thread(read_message, await self._decrypt(parts.ciphertext))
+            if inner.key_data is None and inner.wks_data is None:
+                raise WksRejected("the encrypted message holds neither a key nor WKS data")
+            parts = Parts(parts.sender, None, inner.key_data, inner.wks_data)
+        if parts.key_data is not None:
+            return await self._submission(parts.sender, parts.key_data, WksMailer(self, send))
+        if parts.wks_data is not None:
+            data = parts.wks_data
+            if data.lstrip().startswith(b"-----BEGIN PGP MESSAGE"):
+                data = await self._decrypt(data)
+            return await self._response(data)
         raise WksIgnored("neither a key nor WKS data")
 
+    async def _decrypt(self, armored: bytes) -> bytes:
+        """Decryption is gpg work a stranger can cause: bounded like a key check."""
+        try:
+            async with self.registry.gpg_slots.hold():
+                return await asyncio.to_thread(self.key.decrypt, armored)
+        except Busy as busy:
+            raise WksDeferred(str(busy)) from None
+
+    async def _ruled(self, change: Awaitable[Outcome]) -> Outcome:
+        """The registry's answer in WKS terms: a refusal is permanent (550, its reason to the
+        sender); a busy service or a confirmation request that did not go out is retried."""
+        try:
+            return await change
+        except Refused as refused:
+            if refused.code == "mail-failed":
+                raise WksDeferred(str(refused)) from None
+            raise WksRejected(str(refused)) from None
+        except RateLimited as limited:
+            raise WksRejected(str(limited)) from None
+        except Busy as busy:
+            raise WksDeferred(str(busy)) from None
+
     # -- submission --------------------------------------------------------------------------
-    def _submission(self, sender: str, key_data: bytes) -> Outgoing:
+    async def _submission(self, sender: str, key_data: bytes, mailer: WksMailer) -> Outcome:
         local, at, domain = sender.rpartition("@")
         if not at or not local:
             raise WksRejected("the From address of the submission is missing or malformed")
         if domain not in self.domains or sender == self.address:
             raise WksRejected(f"keys for {domain} are not published here")
-        if any(char in self.delimiters for char in local[1:]):
-            # The filter maps a sub-address to its base address: a key for it is never used.
-            raise WksRejected("keys are registered for base addresses only, not sub-addresses")
-        try:
-            validated = validate_key(key_data, address=sender, gpg_binary=self.gpg_binary)
-        except KeyRevoked:
-            raise WksRejected("the key is revoked") from None
-        except KeyRejected as error:
-            raise WksRejected(f"the key is refused: {error}") from None
-        key = validated.key
-        if not any(parseaddr(uid)[1].strip().lower() == sender for uid in key.user_ids):
-            raise WksRejected(f"the key has no user ID for {sender}, the sender of the request")
-        now = int(self.clock())
-        limit = self.max_requests_per_hour
-        if self.store.hit(f"wks-request:{sender}", now, 3600, limit) > limit:
-            raise WksRejected(f"too many key submissions for {sender}; try again in an hour")
-        nonce = zbase32(secrets.token_bytes(20))
-        request = self._confirmation_request(sender, key, nonce)
-        self.store.add_pending(
-            PendingChange(
-                token_hash=token_hash(nonce),
-                address=sender,
-                key=key,
-                created=now,
-                expires=now + self.token_ttl,
-                origin="wks",
-            )
+        outcome = await self._ruled(
+            self.registry.submit_wks(sender, key_data, mailer, token_ttl=self.token_ttl)
         )
-        log.info("WKS: key %s submitted for %s, confirmation requested", key.fingerprint, sender)
-        return Outgoing("", (sender,), request)
+        log.info("WKS: key %s for %s: %s", outcome.fingerprint, outcome.address, outcome.action)
+        return outcome
 
-    def _confirmation_request(self, address: str, key: StoredKey, nonce: str) -> bytes:
+    async def confirmation_request(self, address: str, key: StoredKey, nonce: str) -> bytes:
         """The draft's confirmation request, encrypted to ``key`` and signed by the service.
 
         The layout is the one GnuPG's server sends to clients of draft version 2 and later:
@@ -364,7 +335,12 @@ class WksServer:
             f"fingerprint: {key.fingerprint}\n"
             f"nonce: {nonce}\n"
         ).encode()
-        armored = _crlf(self._encrypt(self.encryptor.armor, body, key)).rstrip(b"\r\n")
+        if not key.usable_encryption_keys():
+            raise WksRejected("the key has no encryption key that is valid now")
+        try:
+            armored = _crlf(await self.encryptor.armor(body, key)).rstrip(b"\r\n")
+        except EncryptionFailed as error:
+            raise GpgFailed(str(error)) from None
         mixed = new_boundary().encode("ascii")
         signed = b"\r\n".join(
             (
@@ -387,7 +363,7 @@ class WksServer:
                 b"--" + mixed + b"--",
             )
         )
-        signature = _crlf(self.key.sign(signed)).rstrip(b"\r\n")
+        signature = _crlf(await asyncio.to_thread(self.key.sign, signed)).rstrip(b"\r\n")
         outer = new_boundary().encode("ascii")
         head = self._head(address, "Confirm your key publication", "confirm") + (
             b'Content-Type: multipart/signed; protocol="application/pgp-signature";\r\n'
@@ -420,10 +396,9 @@ class WksServer:
         ).encode()
 
     # -- confirmation ------------------------------------------------------------------------
-    def _response(self, data: bytes) -> list[Outgoing]:
+    async def _response(self, data: bytes) -> Outcome:
         fields = _name_values(data)
-        kind = fields.get("type", "")
-        if kind != "confirmation-response":
+        if fields.get("type", "") != "confirmation-response":
             # The value is not quoted back: logs and replies never carry message content.
             raise WksRejected("not a confirmation response (unexpected WKS message type)")
         if fields.get("sender", "").lower() != self.address:
@@ -432,94 +407,113 @@ class WksServer:
         nonce = fields.get("nonce", "")
         if "@" not in address or len(nonce) < 16:
             raise WksRejected("the response lacks the address or the nonce")
-        now = int(self.clock())
-        hashed = token_hash(nonce)
-        waiting = [
-            p
-            for p in self.store.pending_for(address, now)
-            if p.token_hash == hashed and p.origin == "wks"
-        ]
-        pending = self.store.take_pending(hashed, now) if waiting else None
-        if pending is None or pending.address != address:
-            log.info("WKS: confirmation for %s refused: no matching request", address)
-            raise WksRejected(
-                f"no pending key publication for {address} matches this confirmation"
-                " (unknown, already used or expired): submit the key again"
-            )
-        key = pending.key
-        if not publishable(key, now):
-            raise WksRejected("the key can no longer encrypt: submit a renewed key")
-        before = {k.fingerprint for k in self.store.keys_for(address)}
-        key = self._bind_merged(address, key)
-        action = "registered" if not before else "replaced"
-        if before == {key.fingerprint}:
-            action = "renewed"
-        self.store.record_audit(AuditEntry(now, address, action, key.fingerprint, "wks"))
-        log.info("WKS: key %s %s for %s", key.fingerprint, action, address)
-        notice = self._published_notice(address, key)
-        return [notice] if notice is not None else []
+        return await self._ruled(self.registry.confirm_wks(address, nonce))
 
-    def _bind_merged(self, address: str, key: StoredKey) -> StoredKey:
-        """Bind the confirmed copy merged with the stored one (a key only moves forward);
-        merged again when another host stored an update in between. A key ever revoked is
-        refused, and a revocation found in the confirmed copy is remembered."""
-        for _ in range(MERGE_ATTEMPTS):
-            stored = self.store.key(key.fingerprint)
-            merged = key
-            if stored is not None:
-                if stored.revoked:
-                    raise WksRejected("this key was revoked: submit a new key")
-                try:
-                    merged = merge_key(stored, key.key_data, gpg_binary=self.gpg_binary).key
-                except KeyRevoked:
-                    self.store.revoke(key.fingerprint)
-                    raise WksRejected("this key was revoked: submit a new key") from None
-                except KeyRejected as error:
-                    raise WksRejected(f"the key is refused: {error}") from None
-            try:
-                self.store.bind(address, merged, replace=True, expected=stored_state(stored))
-            except KeyWasRevoked:
-                raise WksRejected("this key was revoked: submit a new key") from None
-            except StaleMerge:
-                continue
-            return merged
-        raise WksRejected("the key was changed by other requests at the same moment: try again")
 
-    def _published_notice(self, address: str, key: StoredKey) -> Outgoing | None:
-        """The "key published" notice, encrypted to the new key: the user learns that it is the
-        one mail to them is now encrypted to, and that it is found by WKD."""
-        text = (
-            "Content-Type: text/plain; charset=us-ascii\r\n\r\n"
-            f"The key {key.fingerprint} is now registered for {address}.\r\n"
-            "Mail to this address is encrypted to it from now on, and mail programs find it\r\n"
-            "in the Web Key Directory.\r\n"
-        ).encode()
-        head = self._head(address, "Your key has been published", "done")
+class WksMailer:
+    """The registry's :class:`~keystore.registration.Mailer` for WKS: the challenge is the
+    draft's confirmation request, mailed from the submission address (with an empty envelope
+    sender, so it never bounces back to us). Notices are the registry's own mailer's job."""
+
+    def __init__(self, server: WksServer, send: Send) -> None:
+        self.server = server
+        self.send = send
+
+    async def send_challenge(
+        self, address: str, key: StoredKey, *, purpose: Purpose, token: str, expires: int
+    ) -> None:
+        if purpose != "confirm":
+            raise MailError("the Web Key Service only confirms publications")
         try:
-            message = self._encrypt(
-                lambda entity, key: self.encryptor.pgp_mime(head, entity, key), text, key
-            )
+            request = await self.server.confirmation_request(address, key, token)
         except (GpgFailed, WksRejected) as error:
-            log.warning("WKS: no notice for %s: %s", address, error)
-            return None
-        return Outgoing("", (address,), message, essential=False)
-
-    def _encrypt(
-        self,
-        how: Callable[[bytes, StoredKey], Coroutine[Any, Any, bytes]],
-        plaintext: bytes,
-        key: StoredKey,
-    ) -> bytes:
-        """Run the (async) encryptor from :meth:`handle`, which runs in a worker thread of the
-        loop that called :meth:`process` (or, called directly, without a loop)."""
-        if not key.usable_encryption_keys():
-            raise WksRejected("the key has no encryption key that is valid now")
+            raise MailError(str(error)) from None
         try:
-            if self._loop is None:
-                return asyncio.run(how(plaintext, key))
-            return asyncio.run_coroutine_threadsafe(how(plaintext, key), self._loop).result()
-        except EncryptionFailed as error:
-            raise GpgFailed(str(error)) from None
+            await self.send("", [address], request)
+        except Exception as error:  # whatever the relay did, the request did not go out
+            raise MailError(f"relay: {type(error).__name__}") from None
+
+    async def send_notice(self, notice: Notice) -> None:
+        """Never called: the registry sends its notices through its own mailer."""
+        raise MailError("WKS sends no notices of its own")
+
+
+@dataclass(frozen=True, slots=True)
+class Parts:
+    """What a received message holds for WKS: its sender, and the ciphertext of a PGP/MIME
+    message, or else the key (``application/pgp-keys``) or WKS data it carries."""
+
+    sender: str
+    ciphertext: bytes | None
+    key_data: bytes | None
+    wks_data: bytes | None
+
+
+# The email package's parameter parser is quadratic (an open quote and 100 KB of semicolons in
+# a Content-Type took 8 s of CPU) and its MIME parser checks every line against every open
+# boundary: the fields it parses are bounded, and so is the number of parts, before it sees
+# the message. A WKS message has a handful of parts with short header fields.
+MAX_FIELD_CHARS = 2048
+MAX_PARTS = 64
+_PARSED_FIELD = re.compile(rb"(?i)(content-[a-z0-9-]*|from)[ \t]*:")
+_CONTENT_TYPE = re.compile(rb"(?i)content-type[ \t]*:")
+
+
+def check_fields(raw: bytes) -> None:
+    """Refuse a message with a parsed header field (Content-*, From) longer than
+    MAX_FIELD_CHARS, folded lines included, or more than MAX_PARTS Content-Type fields.
+
+    Lines are read without knowing where a part's header ends: a body line that looks like
+    such a field counts too, which only a hostile message can make this long or this many.
+    """
+    parts = 0
+    length = 0
+    bounded = False
+    for line in raw.split(b"\n"):
+        if line[:1] in (b" ", b"\t"):
+            if not bounded:
+                continue
+            length += len(line)
+        else:
+            bounded = _PARSED_FIELD.match(line) is not None
+            if not bounded:
+                continue
+            length = len(line)
+            if _CONTENT_TYPE.match(line):
+                parts += 1
+                if parts > MAX_PARTS:
+                    raise WksRejected(f"the message has more than {MAX_PARTS} MIME parts")
+        if length > MAX_FIELD_CHARS:
+            raise WksRejected(
+                f"a Content or From header field is longer than {MAX_FIELD_CHARS} characters"
+            )
+
+
+def read_message(raw: bytes) -> Parts:
+    """What a received message holds for WKS; WksRejected when it cannot be read.
+
+    Only reading goes through ``email`` (nothing it produces is sent on). Any failure of the
+    email package on hostile MIME (it raised TypeError on RFC 2231 sections it cannot put in
+    order) is a permanent refusal: retrying the same bytes cannot help.
+    """
+    check_fields(raw)
+    try:
+        message = email.message_from_bytes(raw, policy=email.policy.compat32)
+        sender = parseaddr(str(message.get("From", "")))[1].strip().lower()
+        if message.get_content_type() == "multipart/encrypted":
+            return Parts(sender, _pgp_mime_ciphertext(message), None, None)
+        return Parts(
+            sender,
+            None,
+            _part_payload(message, "application/pgp-keys"),
+            _part_payload(message, "application/vnd.gnupg.wks"),
+        )
+    except WksError:
+        raise
+    except Exception as error:  # the email package on input it cannot read
+        raise WksRejected(
+            f"the message's MIME structure cannot be read ({type(error).__name__})"
+        ) from None
 
 
 def _pgp_mime_ciphertext(message: Message) -> bytes:

@@ -8,7 +8,9 @@ The reply tells Postfix what became of the message, so nothing is lost and nothi
   refusal would make Postfix bounce spam back to forged senders);
 - 550 with the precise reason for a WKS message that is refused (a key without the sender's
   user ID, an unknown or expired confirmation): Postfix tells the sender why;
-- 451 for a failure on our side (gpg, the key store, the relay): Postfix retries.
+- 451 for a failure on our side (gpg, the key store, the relay) or a busy service: Postfix
+  retries. A message we cannot read is never that: retrying the same bytes cannot help, so it
+  is refused (550) with the reason.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ import logging
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from keystore.logsafe import escape
 from keystore.service.outbound import Send
 from keystore.service.wks import (
     MAX_MESSAGE_BYTES,
+    WksDeferred,
     WksIgnored,
     WksRejected,
     WksServer,
@@ -68,9 +72,16 @@ class WksHandler:
             return "250 2.0.0 Dropped: not a key submission"
         except WksRejected as rejected:
             log.info("WKS: refused a message: %s", rejected)
-            reason = " ".join(str(rejected).split())[:400]
-            return f"550 5.7.0 {reason}"
+            return f"550 5.7.0 {_reason(rejected)}"
+        except WksDeferred as deferred:
+            log.warning("WKS: deferred a message: %s", deferred)
+            return f"451 4.3.2 {_reason(deferred)}"
         except Exception as error:
             log.error("WKS: processing failed, deferred: %s", type(error).__name__)
             return _TEMPORARY
         return "250 2.0.0 Key submission processed"
+
+
+def _reason(error: Exception) -> str:
+    """The reason on one line of printable text: it may quote what the sender wrote."""
+    return escape(" ".join(str(error).split()), 400)

@@ -18,6 +18,8 @@ import pytest
 from gpgfilter.mail.deliver import MailClient
 from gpgfilter.process.config import Endpoint, GpgConfig
 from gpgfilter.process.keyserver import ThrowAwayEncryptor, relay_sender, start_wks_listener
+from keystore.registration import Policy, Registry
+from keystore.service.mailer import Mailer
 from keystore.service.wks import ServiceKey, WksServer
 from keystore.service.wks_listener import WksHandler
 from keystore.storage.sqlite import SQLiteKeyStore
@@ -39,12 +41,10 @@ ALICE = f"alice@{DOMAIN}"
 class Listener:
     """The WKS listener on an event loop of its own, as the key service process would run it."""
 
-    def __init__(self, server: WksServer, port: int, relay_port: int) -> None:
+    def __init__(self, server: WksServer, port: int, client: MailClient) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.client = MailClient(
-            Endpoint("127.0.0.1", relay_port), lmtp=False, helo="wks.test", timeout=60
-        )
+        self.client = client
         self.handler = WksHandler(server, relay_sender(self.client))
         self.port = port
         self.server: asyncio.AbstractServer | None = None
@@ -91,14 +91,24 @@ def test_key_registered_by_mail_through_the_real_stack(
     with KeyFactory(tmp_path_factory.mktemp("wkse2ekeys")) as factory, stack:
         assert stack.filter is not None
         store = SQLiteKeyStore(stack.filter.data_dir / "keys.sqlite", create=True)
+        relay = MailClient(
+            Endpoint("127.0.0.1", stack.postfix.smtp_port), lmtp=False, helo="wks.test", timeout=60
+        )
+        notices = Mailer(
+            send=relay_sender(relay),
+            encryptor=ThrowAwayEncryptor(GpgConfig()),
+            mail_from=f"keys@{DOMAIN}",
+            hostname="wks.test",
+            public_url="https://keys.example.test",
+        )
         server = WksServer(
-            store=store,
+            registry=Registry(store, notices, Policy(), domains=[DOMAIN]),
             service_key=service_key,
             encryptor=ThrowAwayEncryptor(GpgConfig()),
             domains=[DOMAIN],
         )
         alice = user(factory, service_key, ALICE)
-        with Listener(server, wks_port, stack.postfix.smtp_port):
+        with Listener(server, wks_port, relay):
             submission = wks_client(alice, "--create", alice.fingerprint, ALICE)
             stack.postfix.send(ALICE, [SUBMISSION], submission)
             (request,) = stack.dovecot.wait_for(ALICE, 1, timeout=60)
@@ -112,7 +122,7 @@ def test_key_registered_by_mail_through_the_real_stack(
                 assert time.monotonic() < deadline, stack.postfix.log()[-3000:]
                 time.sleep(0.1)
             assert [k.fingerprint for k in store.keys_for(ALICE)] == [alice.fingerprint]
-            stack.dovecot.wait_for(ALICE, 2, timeout=60)  # the "published" notice
+            stack.dovecot.wait_for(ALICE, 2, timeout=60)  # the registry's "registered" notice
 
         stack.postfix.send(f"bob@{DOMAIN}", [ALICE], b"Subject: hello\r\n\r\nsecret words\r\n")
         mails = stack.dovecot.wait_for(ALICE, 3, timeout=60)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import tempfile
+import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -215,3 +218,42 @@ def test_publication_config_lists_domains_and_checks_them(tmp_path: Path) -> Non
     for overrides, message in bad:
         with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
             load(None, overrides)
+
+
+class StuckLookup:
+    """A store that does not answer until released, as a frozen database would."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def serves(self, domain: str) -> bool:
+        return True
+
+    def key(self, domain: str, hashed: str, local: str | None) -> bytes | None:
+        self.release.wait(30)
+        return None
+
+    def policy(self, domain: str) -> bytes:
+        return b""
+
+    def submission_address(self, domain: str) -> str | None:
+        return SUBMISSION
+
+
+async def test_a_stuck_store_costs_bounded_threads_and_never_the_event_loop() -> None:
+    lookup = StuckLookup()
+    app = web.Application()
+    app.add_routes(wkd_routes(lookup, at_once=1, wait=0.3))
+    path = f"/.well-known/openpgpkey/{DOMAIN}/hu/{wkd_hash('alice')}"
+    async with TestClient(TestServer(app)) as client:
+        first = asyncio.create_task(client.get(path))
+        await asyncio.sleep(0.1)
+        # The loop still answers while the one lookup thread waits for the store...
+        started = time.monotonic()
+        policy = await client.get(f"/.well-known/openpgpkey/{DOMAIN}/submission-address")
+        assert policy.status == 200 and time.monotonic() - started < 1
+        # ...and a second lookup is told to come back instead of taking another thread.
+        second = await client.get(path)
+        assert second.status == 503 and second.headers["Retry-After"] == "1"
+        lookup.release.set()
+        assert (await first).status == 404

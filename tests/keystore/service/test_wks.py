@@ -4,23 +4,36 @@ confirmation request, and the key becomes active only then."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gpgfilter.mail.deliver import MailClient
 from gpgfilter.process.config import Endpoint, GpgConfig
 from gpgfilter.process.keyserver import ThrowAwayEncryptor, start_wks_listener
-from keystore.service.wks import Outgoing, ServiceKey, WksIgnored, WksRejected, WksServer
+from keystore.registration import Policy, Registry
+from keystore.service.wks import (
+    MAX_PARTS,
+    ServiceKey,
+    WksIgnored,
+    WksRejected,
+    WksServer,
+    read_message,
+)
 from keystore.service.wks_listener import WksHandler
 from keystore.storage.sqlite import SQLiteKeyStore
 from keystore.validate import validate_key
+from tests.keystore.test_merge import RecordingMailer
 from tests.support.debian import require_program
 from tests.support.mailstack import free_port
 from tests.support.openpgp_tools import KeyFactory, TestKey
@@ -72,15 +85,42 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def server(store: SQLiteKeyStore, service_key: ServiceKey, clock: Clock) -> WksServer:
+def notices() -> RecordingMailer:
+    """The registry's own mailer: WKS changes are announced through it, as HTTP ones."""
+    return RecordingMailer()
+
+
+@pytest.fixture
+def server(
+    store: SQLiteKeyStore, service_key: ServiceKey, clock: Clock, notices: RecordingMailer
+) -> WksServer:
+    registry = Registry(store, notices, Policy(), clock=clock, domains=[DOMAIN])
     return WksServer(
-        store=store,
+        registry=registry,
         service_key=service_key,
         encryptor=ThrowAwayEncryptor(GpgConfig()),
         domains=[DOMAIN],
         token_ttl=3600,
         clock=clock,
     )
+
+
+@dataclass(frozen=True)
+class Sent:
+    mail_from: str
+    recipients: tuple[str, ...]
+    data: bytes
+
+
+async def handle(server: WksServer, raw: bytes) -> list[Sent]:
+    """What the server sends for one received message."""
+    sent: list[Sent] = []
+
+    async def send(mail_from: str, recipients: list[str], data: bytes) -> None:
+        sent.append(Sent(mail_from, tuple(recipients), data))
+
+    await server.process(raw, send)
+    return sent
 
 
 def gpg_in(key: TestKey) -> list[str]:
@@ -113,15 +153,15 @@ def wks_client(key: TestKey, *args: str, data: bytes = b"") -> bytes:
     return done.stdout
 
 
-def submit(server: WksServer, key: TestKey) -> Outgoing:
+async def submit(server: WksServer, key: TestKey) -> Sent:
     submission = wks_client(key, "--create", key.fingerprint, key.address)
     assert b"multipart/encrypted" in submission  # encrypted to the submission key
-    (request,) = server.handle(submission)
-    assert request.recipients == (key.address,) and request.essential
+    (request,) = await handle(server, submission)
+    assert request.recipients == (key.address,) and request.mail_from == ""
     return request
 
 
-def nonce_of(key: TestKey, request: Outgoing) -> str:
+def nonce_of(key: TestKey, request: Sent) -> str:
     """The nonce, read as the user reads it: decrypted with the user's secret key."""
     armored = re.search(
         rb"-----BEGIN PGP MESSAGE-----.*?-----END PGP MESSAGE-----", request.data, re.DOTALL
@@ -149,11 +189,15 @@ def clear_response(address: str, nonce: str) -> bytes:
     ).encode()
 
 
-def test_gnupg_client_round_trip_activates_the_key(
-    factory: KeyFactory, service_key: ServiceKey, server: WksServer, store: SQLiteKeyStore
+async def test_gnupg_client_round_trip_activates_the_key(
+    factory: KeyFactory,
+    service_key: ServiceKey,
+    server: WksServer,
+    store: SQLiteKeyStore,
+    notices: RecordingMailer,
 ) -> None:
     alice = user(factory, service_key, f"alice@{DOMAIN}")
-    request = submit(server, alice)
+    request = await submit(server, alice)
     assert store.keys_for(alice.address) == []  # pending only
     assert [p.origin for p in store.pending_for(alice.address, int(server.clock()))] == ["wks"]
     assert b"multipart/signed" in request.data and b"application/vnd.gnupg.wks" in request.data
@@ -161,7 +205,7 @@ def test_gnupg_client_round_trip_activates_the_key(
 
     response = wks_client(alice, "--receive", data=request.data)
     assert b"multipart/encrypted" in response  # encrypted to the submission key
-    (notice,) = server.handle(response)
+    assert await handle(server, response) == []
 
     (active,) = store.keys_for(alice.address)
     assert active.fingerprint == alice.fingerprint
@@ -172,17 +216,18 @@ def test_gnupg_client_round_trip_activates_the_key(
         "wks",
         alice.fingerprint,
     )
-    assert notice.recipients == (alice.address,) and not notice.essential
-    assert b"multipart/encrypted" in notice.data
+    # The owner is told in clear text through the registry's mailer, as for HTTP changes.
+    (notice,) = notices.notices
+    assert (notice.action, notice.actor, notice.address) == ("registered", "wks", alice.address)
     with pytest.raises(WksRejected, match="already used"):  # the same response again
-        server.handle(response)
+        await handle(server, response)
 
 
-def test_signature_of_the_request_verifies_with_the_submission_key(
+async def test_signature_of_the_request_verifies_with_the_submission_key(
     factory: KeyFactory, service_key: ServiceKey, server: WksServer
 ) -> None:
     bob = user(factory, service_key, f"bob@{DOMAIN}")
-    request = submit(server, bob).data
+    request = (await submit(server, bob)).data
     boundary = re.search(rb'micalg=pgp-sha256; boundary="([^"]+)"', request)
     assert boundary is not None
     mark = b"--" + boundary.group(1)
@@ -201,25 +246,25 @@ def test_signature_of_the_request_verifies_with_the_submission_key(
     assert f"VALIDSIG {service_key.fingerprint} " in done.stdout
 
 
-def test_forged_nonce_and_another_address_are_refused_and_keep_the_real_one(
+async def test_forged_nonce_and_another_address_are_refused_and_keep_the_real_one(
     factory: KeyFactory, service_key: ServiceKey, server: WksServer, store: SQLiteKeyStore
 ) -> None:
     carol = user(factory, service_key, f"carol@{DOMAIN}")
-    request = submit(server, carol)
+    request = await submit(server, carol)
     nonce = nonce_of(carol, request)
     with pytest.raises(WksRejected, match="no pending key publication"):
-        server.handle(clear_response(carol.address, "forged" + nonce[6:]))
+        await handle(server, clear_response(carol.address, "forged" + nonce[6:]))
     with pytest.raises(WksRejected, match="no pending key publication"):
-        server.handle(clear_response(f"mallory@{DOMAIN}", nonce))
+        await handle(server, clear_response(f"mallory@{DOMAIN}", nonce))
     assert store.keys_for(carol.address) == [] and store.keys_for(f"mallory@{DOMAIN}") == []
     # Neither attempt used the token up: the owner's own answer still works, once.
-    server.handle(clear_response(carol.address, nonce))
+    await handle(server, clear_response(carol.address, nonce))
     assert [k.fingerprint for k in store.keys_for(carol.address)] == [carol.fingerprint]
     with pytest.raises(WksRejected, match="already used"):
-        server.handle(clear_response(carol.address, nonce))
+        await handle(server, clear_response(carol.address, nonce))
 
 
-def test_expired_confirmation_is_refused(
+async def test_expired_confirmation_is_refused(
     factory: KeyFactory,
     service_key: ServiceKey,
     server: WksServer,
@@ -227,26 +272,42 @@ def test_expired_confirmation_is_refused(
     clock: Clock,
 ) -> None:
     dave = user(factory, service_key, f"dave@{DOMAIN}")
-    request = submit(server, dave)
+    request = await submit(server, dave)
     clock.now += 3601
     response = wks_client(dave, "--receive", data=request.data)
     with pytest.raises(WksRejected, match="expired"):
-        server.handle(response)
+        await handle(server, response)
     assert store.keys_for(dave.address) == []
 
 
-def test_replacement_keeps_the_current_key_until_confirmed(
+async def test_replacement_keeps_the_current_key_until_confirmed(
     factory: KeyFactory, service_key: ServiceKey, server: WksServer, store: SQLiteKeyStore
 ) -> None:
     old = factory.make(f"erin@{DOMAIN}")
     validated = validate_key(old.public)
     store.bind(old.address, validated.key)
     new = user(factory, service_key, old.address)
-    request = submit(server, new)
+    request = await submit(server, new)
     assert [k.fingerprint for k in store.keys_for(old.address)] == [old.fingerprint]
-    server.handle(wks_client(new, "--receive", data=request.data))
+    await handle(server, wks_client(new, "--receive", data=request.data))
     assert [k.fingerprint for k in store.keys_for(old.address)] == [new.fingerprint]
     assert store.audit_log(old.address)[0].action == "replaced"
+
+
+async def test_an_update_of_the_active_key_is_merged_at_once(
+    factory: KeyFactory, server: WksServer, store: SQLiteKeyStore, notices: RecordingMailer
+) -> None:
+    """As over HTTP: an update proves itself (only the key's own signatures are added), so it
+    needs no confirmation round, and an old copy moves nothing back."""
+    nora = factory.make(f"nora@{DOMAIN}", expires="1y")
+    store.bind(nora.address, validate_key(nora.public).key)
+    extended = factory.set_expiry(nora, "3y")
+    assert await handle(server, plain_submission(nora.address, extended.public)) == []
+    (stored,) = store.keys_for(nora.address)
+    assert stored.expires is not None and stored.expires > validate_key(nora.public).key.expires
+    assert [(n.action, n.actor) for n in notices.notices] == [("renewed", "wks")]
+    assert await handle(server, plain_submission(nora.address, nora.public)) == []
+    assert store.keys_for(nora.address)[0].expires == stored.expires
 
 
 def plain_submission(sender: str, key: bytes) -> bytes:
@@ -256,7 +317,7 @@ def plain_submission(sender: str, key: bytes) -> bytes:
     ).encode() + key.replace(b"\n", b"\r\n")
 
 
-def test_submissions_that_cannot_be_published_are_refused(
+async def test_submissions_that_cannot_be_published_are_refused(
     factory: KeyFactory, service_key: ServiceKey, server: WksServer, store: SQLiteKeyStore
 ) -> None:
     frank = factory.make(f"frank@{DOMAIN}")
@@ -266,17 +327,17 @@ def test_submissions_that_cannot_be_published_are_refused(
         (plain_submission(f"grace@{DOMAIN}", frank.public), "no user ID for grace@example.test"),
         (plain_submission(outsider.address, outsider.public), "elsewhere.test are not published"),
         (plain_submission(sign_only.address, sign_only.public), "no valid encryption"),
-        (plain_submission(frank.address, b"not a key"), "the key is refused"),
+        (plain_submission(frank.address, b"not a key"), "not an OpenPGP public key"),
         (plain_submission(SUBMISSION, frank.public), "not published here"),
     ]
     for message, reason in cases:
         with pytest.raises(WksRejected, match=reason):
-            server.handle(message)
+            await handle(server, message)
     for address in (f"grace@{DOMAIN}", frank.address, outsider.address, sign_only.address):
         assert store.keys_for(address) == []
         assert store.pending_for(address, int(server.clock())) == []
     with pytest.raises(WksIgnored):
-        server.handle(b"From: spam@example.com\r\nSubject: hi\r\n\r\nbuy now\r\n")
+        await handle(server, b"From: spam@example.com\r\nSubject: hi\r\n\r\nbuy now\r\n")
     not_for_us = subprocess.run(
         [*gpg_in(frank), "--armor", "--encrypt", "--recipient", frank.fingerprint],
         input=b"Content-Type: application/pgp-keys\n\n" + frank.public,
@@ -294,18 +355,85 @@ def test_submissions_that_cannot_be_published_are_refused(
         + b"\r\n--b--\r\n"
     )
     with pytest.raises(WksRejected, match=f"must be encrypted to {service_key.fingerprint}"):
-        server.handle(encrypted)
+        await handle(server, encrypted)
 
 
-def test_plain_submission_with_the_right_user_id_asks_for_confirmation(
+async def test_plain_submission_with_the_right_user_id_asks_for_confirmation(
     factory: KeyFactory, server: WksServer, store: SQLiteKeyStore
 ) -> None:
     ivan = factory.make(f"Ivan@{DOMAIN}")
-    (request,) = server.handle(plain_submission(ivan.address, ivan.public))
+    (request,) = await handle(server, plain_submission(ivan.address, ivan.public))
     assert request.recipients == (f"ivan@{DOMAIN}",)
     assert [p.address for p in store.pending_for(f"ivan@{DOMAIN}", int(server.clock()))] == [
         f"ivan@{DOMAIN}"
     ]
+
+
+@pytest.mark.parametrize(
+    ("content_type", "reason"),
+    [
+        ("multipart/mixed; boundary*=a; boundary*0=b", "MIME structure cannot be read"),
+        ('multipart/mixed; a="' + ";" * 5000, "longer than 2048 characters"),
+        ("text/plain;\r\n " + "x" * 1000 + "\r\n " + "y" * 1100, "longer than 2048"),
+    ],
+)
+async def test_mime_the_email_package_cannot_read_cheaply_is_refused(
+    server: WksServer, content_type: str, reason: str
+) -> None:
+    message = (
+        f"From: pat@{DOMAIN}\r\nMIME-Version: 1.0\r\nContent-Type: {content_type}\r\n\r\n"
+        "--ab\r\n\r\nhi\r\n--ab--\r\n"
+    ).encode()
+    with pytest.raises(WksRejected, match=reason):
+        await handle(server, message)
+
+
+def test_many_parts_are_refused_before_parsing() -> None:
+    nested = b"".join(
+        b"--b%d\r\nContent-Type: multipart/mixed; boundary=b%d\r\n\r\n" % (n, n + 1)
+        for n in range(MAX_PARTS + 1)
+    )
+    with pytest.raises(WksRejected, match="MIME parts"):
+        read_message(b"Content-Type: multipart/mixed; boundary=b0\r\n\r\n" + nested)
+
+
+@given(st.binary(max_size=4096))
+@settings(max_examples=300, deadline=None)
+def test_any_bytes_are_read_or_refused_never_a_crash(raw: bytes) -> None:
+    with contextlib.suppress(WksRejected):
+        read_message(raw)
+
+
+@given(
+    st.lists(
+        st.sampled_from(
+            [
+                "multipart/mixed",
+                "application/pgp-keys",
+                "boundary=ab",
+                "boundary*=a",
+                "boundary*0=b",
+                "boundary*1*=''c",
+                "charset*=x-bogus''%ff",
+                'a="',
+                "",
+                "\x00",
+                "=",
+                '"',
+            ]
+        ),
+        max_size=12,
+    )
+)
+@settings(max_examples=300, deadline=None)
+def test_hostile_content_type_parameters_are_read_or_refused(pieces: list[str]) -> None:
+    value = "; ".join(pieces)
+    raw = (
+        f"From: pat@{DOMAIN}\r\nContent-Type: {value}\r\n\r\n--ab\r\n"
+        f"Content-Type: {value}\r\n\r\nx\r\n--ab--\r\n"
+    ).encode("utf-8", "surrogateescape")
+    with contextlib.suppress(WksRejected):
+        read_message(raw)
 
 
 async def test_listener_answers_for_what_became_of_the_mail(
@@ -345,7 +473,7 @@ async def test_listener_answers_for_what_became_of_the_mail(
 
         failing = True  # the confirmation request cannot be sent: Postfix must retry
         (reply,) = await client.send(judy.address, [SUBMISSION], submission)
-        assert reply.code == 451
+        assert reply.code == 451 and "could not be sent" in reply.text
         failing = False
 
         response = await asyncio.to_thread(wks_client, judy, "--receive", data=sent[0][2])
@@ -359,39 +487,41 @@ async def test_listener_answers_for_what_became_of_the_mail(
     assert store.keys_for(judy.address) == []
 
 
-def test_sub_addresses_are_refused_and_a_confirmed_old_copy_rolls_nothing_back(
+async def test_sub_addresses_are_refused_and_a_confirmed_old_copy_rolls_nothing_back(
     factory: KeyFactory, server: WksServer, store: SQLiteKeyStore
 ) -> None:
     tagged = factory.make(f"kim+lists@{DOMAIN}")
-    with pytest.raises(WksRejected, match="not sub-addresses"):
-        server.handle(plain_submission(tagged.address, tagged.public))
+    with pytest.raises(WksRejected, match=f"register the key for kim@{DOMAIN}"):
+        await handle(server, plain_submission(tagged.address, tagged.public))
     assert store.pending_for(tagged.address, int(server.clock())) == []
     # The owner's old copy, submitted and confirmed after a subkey rotation, is merged.
     kim = factory.make(f"kim@{DOMAIN}")
     (first,) = kim.encryption_subkeys
-    old_request = server.handle(plain_submission(kim.address, kim.public))[0]
+    (old_request,) = await handle(server, plain_submission(kim.address, kim.public))
     rotated = factory.revoke_subkey(factory.add_encryption_subkey(kim), first)
     store.bind(kim.address, validate_key(rotated.public).key)
     old_nonce = nonce_of(kim, old_request)
     with pytest.raises(WksRejected, match="no pending key publication"):  # voided by the bind
-        server.handle(clear_response(kim.address, old_nonce))
-    request = server.handle(plain_submission(kim.address, kim.public))[0]
-    server.handle(clear_response(kim.address, nonce_of(kim, request)))
+        await handle(server, clear_response(kim.address, old_nonce))
+    # The same (old) copy again is an update of the active key now: nothing moves back.
+    assert await handle(server, plain_submission(kim.address, kim.public)) == []
     (stored,) = store.keys_for(kim.address)
     assert stored.usable_encryption_keys() == rotated.encryption_subkeys
 
 
-def test_a_key_revoked_before_it_was_replaced_is_never_published_again(
+async def test_a_revoked_key_is_refused_at_submission(
     factory: KeyFactory, server: WksServer, store: SQLiteKeyStore
 ) -> None:
     old = factory.make(f"lena@{DOMAIN}")
     new = factory.make(f"lena@{DOMAIN}")
-    request = server.handle(plain_submission(old.address, old.public))[0]
-    server.handle(clear_response(old.address, nonce_of(old, request)))
+    (request,) = await handle(server, plain_submission(old.address, old.public))
+    await handle(server, clear_response(old.address, nonce_of(old, request)))
     store.revoke(old.fingerprint)
+    with pytest.raises(WksRejected, match="revoked"):  # still bound, revoked
+        await handle(server, plain_submission(old.address, old.public))
     store.bind(new.address, validate_key(new.public).key)
     assert store.key(old.fingerprint) is None
-    request = server.handle(plain_submission(old.address, old.public))[0]
-    with pytest.raises(WksRejected, match="revoked"):
-        server.handle(clear_response(old.address, nonce_of(old, request)))
+    with pytest.raises(WksRejected, match="revoked"):  # replaced since, still remembered
+        await handle(server, plain_submission(old.address, old.public))
+    assert store.pending_for(old.address, int(server.clock())) == []
     assert [k.fingerprint for k in store.keys_for(old.address)] == [new.fingerprint]

@@ -13,7 +13,9 @@ reported as well.
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -91,6 +93,11 @@ def main() -> None:
         help="register no keys: measures the filter as a pass-through, without encryption",
     )
     parser.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="sample the filter with py-spy during its rounds (collapsed stacks into FILE)",
+    )
+    parser.add_argument(
         "--cases",
         default="10240x1,10240x3,51200x1,51200x3",
         help="comma-separated SIZExRECIPIENTS",
@@ -120,6 +127,14 @@ def main() -> None:
             filtered.filter.import_key(keys.make(address, algo="rsa3072").public)
         for stack in (direct, filtered):  # warm up: caches, connections, gpg homes
             run_load(stack, messages=50, size=10_240, rcpts=1, sessions=args.sessions)
+        profiler = None
+        if args.profile:
+            profiler = subprocess.Popen(
+                [str(Path(sys.executable).parent / "py-spy"), "record",
+                 "--pid", str(filtered.filter.pid), "--rate", "250",
+                 "--format", "raw", "--output", args.profile, "--nonblocking"],
+                stdout=subprocess.DEVNULL,
+            )  # fmt: skip
         # Both stacks stay up and take turns, so drift on a shared machine hits both alike.
         for _ in range(args.rounds):
             for size, rcpts in cases:
@@ -139,7 +154,12 @@ def main() -> None:
                         own.setdefault((size, rcpts), []).extend(
                             float(ms) - float(deliver) for ms, deliver in lines
                         )
+        if profiler is not None:
+            profiler.send_signal(signal.SIGINT)  # py-spy writes its file and stops
+            profiler.wait(timeout=60)
+        load = os.getloadavg()
     print()
+    print(f"load average at the end (1/5/15 min): {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     print("Messages/s end to end (smtp-source -> Postfix -> [gpgfilter ->] Dovecot), median of")
     print(
         f"{args.rounds} alternating rounds, {args.messages} mailbox copies per case,"

@@ -130,6 +130,10 @@ def default_data_dir() -> Path:
 
 @dataclass(frozen=True, slots=True)
 class GpgConfig:
+    # Which OpenPGP engine encrypts: auto (Sequoia in-process where it writes what the clients
+    # read, gpg for the rest), gnupg (one gpg process per copy) or sequoia (as auto, without
+    # the size limit). docs/configuration.md says what each costs.
+    engine: Literal["auto", "gnupg", "sequoia"] = "auto"
     binary: str = "gpg"
     # 0 = no compression: 3-4x less CPU above ~50 KB, and mail attachments are mostly
     # compressed already (docs/design.md).
@@ -395,6 +399,11 @@ def _check(config: Any, prefix: str) -> None:
     if isinstance(config, GpgConfig):
         if not 0 <= config.compress_level <= 9:
             raise ConfigError(f"{prefix}compress_level: must be between 0 and 9")
+        if config.engine == "sequoia" and config.compress_level:
+            raise ConfigError(
+                f"{prefix}compress_level: Sequoia does not compress; set {prefix}engine to"
+                " auto or gnupg (gpg then serves every recipient), or compress_level to 0"
+            )
         if config.max_processes < 1:
             raise ConfigError(f"{prefix}max_processes: must be at least 1")
         if config.timeout <= 0:

@@ -50,6 +50,8 @@ def test_bad_config_names_key_and_problem(tmp_path: Path) -> None:
         "mode: pop3\n": "mode: must be one of lmtp, smtp",
         "listen: nowhere\n": "listen: expected HOST:PORT",
         "gpg:\n  compress_level: 12\n": "gpg.compress_level: must be between 0 and 9",
+        "gpg:\n  engine: pgpy\n": "gpg.engine: must be one of auto, gnupg, sequoia",
+        "gpg:\n  engine: sequoia\n  compress_level: 6\n": "Sequoia does not compress",
         "policy:\n  no_kye: defer\n": "policy.no_kye: unknown key",
         "- a list\n": "top level must be a mapping",
         "keystore:\n  backend: postgresql\n": (

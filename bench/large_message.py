@@ -1,7 +1,8 @@
-"""Memory and time for one large message through the filter (its own process, real gpg, a
-sink as downstream): the resident-set growth must stay a small multiple of the message size.
+"""Memory and time for large messages through the filter (its own process, the default
+engine, a sink as downstream): the resident-set growth must stay a small multiple of the
+message size, for one message and for several arriving at once on their own connections.
 
-    .venv/bin/python bench/large_message.py [--mb 20]
+    .venv/bin/python bench/large_message.py [--mb 20] [--rcpts 1] [--concurrent 10]
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
-async def run(megabytes: int, rcpts: int) -> None:
+async def run(megabytes: int, rcpts: int, concurrent: int) -> None:
     with tempfile.TemporaryDirectory() as tmp, KeyFactory(Path(tmp) / "keys") as keys:
         root = Path(tmp)
         addresses = [f"r{n}@example.test" for n in range(rcpts)]
@@ -59,27 +60,39 @@ async def run(megabytes: int, rcpts: int) -> None:
             filter_process.import_key(keys.make(address, algo="rsa3072").public)
         filter_process.start()
         try:
-            client = MailClient(Endpoint("127.0.0.1", port), lmtp=True, helo="bench", timeout=600)
-            await client.send("a@example.test", addresses, message(1))  # warm up
+            clients = [
+                MailClient(Endpoint("127.0.0.1", port), lmtp=True, helo="bench", timeout=600)
+                for _ in range(concurrent)
+            ]
+            await clients[0].send("a@example.test", addresses, message(1))  # warm up
             idle = peak_rss_mb(filter_process.pid)
             data = message(megabytes)
             sink.deliveries.clear()
             started = time.monotonic()
-            replies = await client.send("a@example.test", addresses, data)
+            answers = await asyncio.gather(
+                *(client.send("a@example.test", addresses, data) for client in clients)
+            )
             elapsed = time.monotonic() - started
             peak = peak_rss_mb(filter_process.pid)
+            replies = [reply for answer in answers for reply in answer]
             stored = len(sink.deliveries[0].data) if sink.deliveries else 0
-            await client.close()
+            for client in clients:
+                await client.close()
         finally:
             filter_process.stop()
             await sink.stop()
-    print(f"message: {len(data) / 1e6:.1f} MB to {rcpts} recipient(s), first reply: {replies[0]}")
+    total = len(data) * concurrent
+    accepted = sum(1 for reply in replies if reply.ok)
+    print(
+        f"message: {len(data) / 1e6:.1f} MB to {rcpts} recipient(s), {concurrent} at once;"
+        f" {accepted} of {len(replies)} replies 250, first: {replies[0]}"
+    )
     print(f"stored (encrypted) size: {stored / 1e6:.1f} MB ({stored / len(data):.2f}x)")
     print(f"time through the filter: {elapsed:.2f} s")
     print(
         f"filter process peak RSS: {idle:.0f} MB after a 1 MB message, {peak:.0f} MB after"
-        f" this one (+{peak - idle:.0f} MB, {(peak - idle) * 1e6 / len(data) / 1.048576:.1f}x"
-        " the message)"
+        f" these (+{peak - idle:.0f} MB, {(peak - idle) * 1e6 / len(data) / 1.048576:.1f}x"
+        f" one message, {(peak - idle) * 1e6 / total / 1.048576:.1f}x all of them)"
     )
 
 
@@ -87,8 +100,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mb", type=int, default=20)
     parser.add_argument("--rcpts", type=int, default=1, help="recipients, each with a key")
+    parser.add_argument(
+        "--concurrent", type=int, default=1, help="messages sent at once, one connection each"
+    )
     args = parser.parse_args()
-    asyncio.run(run(args.mb, args.rcpts))
+    asyncio.run(run(args.mb, args.rcpts, args.concurrent))
 
 
 if __name__ == "__main__":

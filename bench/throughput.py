@@ -13,7 +13,9 @@ reported as well.
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -45,8 +47,12 @@ def delivered(stack: Stack) -> int:
     return total
 
 
-def run_load(stack: Stack, *, messages: int, size: int, rcpts: int, sessions: int) -> float:
-    """Inject ``messages`` and wait until all copies are in the mailboxes; returns seconds."""
+def run_load(
+    stack: Stack, *, messages: int, size: int, rcpts: int, sessions: int, wait: int = 0
+) -> float:
+    """Inject ``messages`` and wait until all copies are in the mailboxes; returns seconds.
+    With ``wait``, each session pauses that many seconds after each message: a paced load of
+    about ``sessions / wait`` messages per second instead of a saturating one."""
     before = delivered(stack)
     expected = before + messages * rcpts
     started = time.monotonic()
@@ -54,6 +60,7 @@ def run_load(stack: Stack, *, messages: int, size: int, rcpts: int, sessions: in
         [
             "/usr/sbin/smtp-source",
             "-s", str(sessions),
+            *(["-w", str(wait)] if wait else []),
             "-m", str(messages),
             "-l", str(size),
             "-r", str(rcpts),
@@ -91,6 +98,18 @@ def main() -> None:
         help="register no keys: measures the filter as a pass-through, without encryption",
     )
     parser.add_argument(
+        "--wait",
+        type=int,
+        default=0,
+        help="seconds each session waits after each message: paced, e.g. --sessions 50"
+        " --wait 1 for ~50 msg/s (the latency figures then show what the filter adds)",
+    )
+    parser.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="sample the filter with py-spy during its rounds (collapsed stacks into FILE)",
+    )
+    parser.add_argument(
         "--cases",
         default="10240x1,10240x3,51200x1,51200x3",
         help="comma-separated SIZExRECIPIENTS",
@@ -120,6 +139,14 @@ def main() -> None:
             filtered.filter.import_key(keys.make(address, algo="rsa3072").public)
         for stack in (direct, filtered):  # warm up: caches, connections, gpg homes
             run_load(stack, messages=50, size=10_240, rcpts=1, sessions=args.sessions)
+        profiler = None
+        if args.profile:
+            profiler = subprocess.Popen(
+                [str(Path(sys.executable).parent / "py-spy"), "record",
+                 "--pid", str(filtered.filter.pid), "--rate", "250",
+                 "--format", "raw", "--output", args.profile, "--nonblocking"],
+                stdout=subprocess.DEVNULL,
+            )  # fmt: skip
         # Both stacks stay up and take turns, so drift on a shared machine hits both alike.
         for _ in range(args.rounds):
             for size, rcpts in cases:
@@ -128,7 +155,12 @@ def main() -> None:
                     log_mark = len(filtered.filter.log())
                     cpu_before = cpu_seconds(filtered.filter.pid)
                     seconds = run_load(
-                        stack, messages=count, size=size, rcpts=rcpts, sessions=args.sessions
+                        stack,
+                        messages=count,
+                        size=size,
+                        rcpts=rcpts,
+                        sessions=args.sessions,
+                        wait=args.wait,
                     )
                     rates.setdefault((name, size, rcpts), []).append(count / seconds)
                     if stack is filtered:
@@ -139,7 +171,12 @@ def main() -> None:
                         own.setdefault((size, rcpts), []).extend(
                             float(ms) - float(deliver) for ms, deliver in lines
                         )
+        if profiler is not None:
+            profiler.send_signal(signal.SIGINT)  # py-spy writes its file and stops
+            profiler.wait(timeout=60)
+        load = os.getloadavg()
     print()
+    print(f"load average at the end (1/5/15 min): {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     print("Messages/s end to end (smtp-source -> Postfix -> [gpgfilter ->] Dovecot), median of")
     print(
         f"{args.rounds} alternating rounds, {args.messages} mailbox copies per case,"
@@ -149,6 +186,7 @@ def main() -> None:
     print(
         f"{'size':>6} {'rcpts':>5} {'no filter':>10} {'gpgfilter':>10} {'ratio':>6}"
         f" {'filter CPU ms/msg':>18} {'own p50/p99 ms':>15} {'total p50/p99 ms':>17}"
+        "  ratio per round"
     )
     for size, rcpts in cases:
         base = statistics.median(rates[("direct", size, rcpts)])
@@ -160,6 +198,13 @@ def main() -> None:
             f"{percentile(own[(size, rcpts)], 0.99):<7.1f}"
             f" {percentile(total[(size, rcpts)], 0.5):>8.1f}/"
             f"{percentile(total[(size, rcpts)], 0.99):<8.1f}"
+            "  "
+            + " ".join(
+                f"{f / d:.2f}"
+                for d, f in zip(
+                    rates[("direct", size, rcpts)], rates[("lmtp", size, rcpts)], strict=True
+                )
+            )
         )
     print()
     print("own = the filter's processing (classify, key lookup, encrypt, assemble), delivery")

@@ -3,6 +3,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import pysequoia
 import pytest
 
 from keystore.storage.config import KeystoreConfig
@@ -26,6 +27,14 @@ def alice(key_factory: KeyFactory) -> TestKey:
 @pytest.fixture(scope="session")
 def bob(key_factory: KeyFactory) -> TestKey:
     return key_factory.make("bob@example.test", algo="rsa2048")
+
+
+@pytest.fixture(scope="session")
+def seipdv2_key(key_factory: KeyFactory) -> TestKey:
+    """Sequoia 2 (pysequoia): a v4 key whose Features advertise SEIPDv2, which the fast engine
+    would encrypt to in a form GnuPG 2.2, RNP and sq 0.27 cannot read."""
+    tsk = pysequoia.Tsk.generate("<new@example.test>", profile=pysequoia.Profile.RFC4880)
+    return key_factory.adopt("new@example.test", str(tsk).encode())
 
 
 @pytest.fixture

@@ -17,29 +17,34 @@ from __future__ import annotations
 import logging
 from collections import Counter, OrderedDict
 from collections.abc import Callable
-from typing import Literal
 
 from gpgfilter.openpgp.check import check_ciphertext
-from gpgfilter.openpgp.engine import Engine, EngineError, Plaintext, Recipient, pieces
+from gpgfilter.openpgp.engine import (
+    Engine,
+    EngineError,
+    EngineName,
+    Plaintext,
+    Recipient,
+    pieces,
+)
 from gpgfilter.openpgp.sequoia import SequoiaEngine, Unsupported, key_id
 
 log = logging.getLogger(__name__)
 
-EngineName = Literal["sequoia", "gnupg"]
 LARGE = 1 << 20  # bytes; above this, Sequoia would stall the event loop for over ~10 ms
 
 
 class AutoEngine:
     """An :class:`~gpgfilter.openpgp.engine.Engine` that sends each recipient to the engine decided
     for its key. ``served`` (if given) is told which engine served each encryption: for the
-    metrics."""
+    metrics. ``large=None`` sends messages of any size to Sequoia (``gpg.engine: sequoia``)."""
 
     def __init__(
         self,
         fast: SequoiaEngine,
         fallback: Engine,
         *,
-        large: int = LARGE,
+        large: int | None = LARGE,
         cache_size: int = 65536,
         served: Callable[[EngineName], None] | None = None,
     ) -> None:
@@ -74,8 +79,8 @@ class AutoEngine:
             self._decisions.popitem(last=False)
 
     async def encrypt(self, plaintext: Plaintext, recipient: Recipient) -> bytes:
-        size = sum(len(p) for p in pieces(plaintext))
-        if size <= self.large and self.decide(recipient) == "sequoia":
+        small = self.large is None or sum(len(p) for p in pieces(plaintext)) <= self.large
+        if small and self.decide(recipient) == "sequoia":
             try:
                 armored = await self.fast.encrypt(plaintext, recipient)
                 check_ciphertext(armored, recipient)

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
+
+EngineName = Literal["sequoia", "gnupg"]
+"""The engines that can serve a recipient, as the metrics and ``doctor`` name them."""
 
 
 class EngineError(Exception):

@@ -6,6 +6,7 @@ only: they never change the configuration, the store or Postfix.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import re
@@ -20,6 +21,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from gpgfilter.openpgp.engine import Recipient
+from gpgfilter.openpgp.factory import engine_summary, uses_sequoia
 from gpgfilter.ops.commands import SetupError
 from gpgfilter.ops.postfix import Postconf, content_filter, lmtp_parameters
 from gpgfilter.process.config import Config, ConfigError, Endpoint, load
@@ -28,6 +31,7 @@ from keystore.storage.open import open_store
 from keystore.store import StoreError, StoreUnavailable
 
 MIN_GPG = (2, 2)
+PYSEQUOIA = "0.1.35"  # as pinned in pyproject.toml
 # Longer than libpq's connect_timeout (5 s), so that its own message says what went wrong.
 STORE_TIMEOUT = 20.0
 
@@ -71,6 +75,7 @@ def run_checks(
     yield check_listener(config)
     yield check_downstream(config)
     yield from check_gpg(config)
+    yield check_engine(config)
     yield from check_keystore(config, days)
     yield check_health(config)
 
@@ -231,6 +236,66 @@ def check_gpg(config: Config) -> Iterator[Check]:
         )
 
 
+def check_engine(config: Config) -> Check:
+    """Which engine encrypts, and what serves what; pysequoia that does not import is a
+    failure when the configuration needs it (the filter would not start)."""
+    what = "engine"
+    summary = engine_summary(config.gpg)
+    if not uses_sequoia(config.gpg):
+        return _ok(what, summary)
+    try:
+        import pysequoia  # noqa: F401, PLC0415  # a failed import is what this checks
+    except ImportError as error:
+        return _fail(
+            what,
+            f"gpg.engine {config.gpg.engine} needs pysequoia, which does not import ({error})",
+            f"reinstall gpgfilter (it pins pysequoia=={PYSEQUOIA}), or set gpg.engine: gnupg",
+        )
+    installed = importlib.metadata.version("pysequoia")
+    if installed != PYSEQUOIA:
+        return _warn(
+            what,
+            f"{summary}; pysequoia {installed} is installed, this release is tested with"
+            f" {PYSEQUOIA} (its API is not stable)",
+            f"reinstall gpgfilter (pip install . pins pysequoia=={PYSEQUOIA})",
+        )
+    return _ok(what, f"{summary} (pysequoia {installed}; gpg as above)")
+
+
+def _check_engine_keys(bindings: list[Binding], config: Config) -> Check:
+    """How many stored keys the configured engine serves with Sequoia and with gpg, decided
+    as the filter decides (a trial encryption per key, checked)."""
+    what = "engine per key"
+    if not uses_sequoia(config.gpg):
+        return _ok(what, "gpg serves every key")
+    try:
+        from gpgfilter.openpgp.sequoia import SequoiaEngine, Unsupported  # noqa: PLC0415
+    except ImportError:
+        return _fail(what, "pysequoia does not import", "see the engine check")
+    engine = SequoiaEngine(cache_size=1)
+    by_gpg: list[Binding] = []
+    served: dict[str, bool] = {}
+    now = time.time()
+    for binding in bindings:
+        key = binding.key
+        if key.fingerprint not in served:
+            fingerprints = key.usable_encryption_keys(now)
+            if not fingerprints:
+                continue
+            try:
+                engine.prepare(Recipient(key.key_data, fingerprints))
+                served[key.fingerprint] = True
+            except Unsupported:
+                served[key.fingerprint] = False
+        if not served[key.fingerprint]:
+            by_gpg.append(binding)
+    fast = sum(served.values())
+    detail = f"{fast} key(s) by Sequoia, {len(served) - fast} by gpg"
+    if by_gpg:
+        detail += f" ({_addresses(by_gpg)}: their keys advertise what clients cannot read)"
+    return _ok(what, detail)
+
+
 # -- key store -------------------------------------------------------------------------------
 
 
@@ -261,6 +326,7 @@ def check_keystore(config: Config, days: int) -> Iterator[Check]:
     where = "PostgreSQL" if config.keystore.backend == "postgresql" else str(config.keystore_path)
     yield _ok(what, f"{where}: {len({b.address for b in bindings})} address(es) enrolled")
     yield _check_consistency(bindings, config.gpg.binary)
+    yield _check_engine_keys(bindings, config)
     now = time.time()
     soon = now + days * 86400
     dead = [b for b in bindings if not b.key.usable_encryption_keys(now)]

@@ -130,6 +130,10 @@ def default_data_dir() -> Path:
 
 @dataclass(frozen=True, slots=True)
 class GpgConfig:
+    # Which OpenPGP engine encrypts: auto (Sequoia in-process where it writes what the clients
+    # read, gpg for the rest), gnupg (one gpg process per copy) or sequoia (as auto, without
+    # the size limit). docs/configuration.md says what each costs.
+    engine: Literal["auto", "gnupg", "sequoia"] = "auto"
     binary: str = "gpg"
     # 0 = no compression: 3-4x less CPU above ~50 KB, and mail attachments are mostly
     # compressed already (docs/design.md).
@@ -142,6 +146,11 @@ class GpgConfig:
     def check(self, prefix: str) -> None:
         if not 0 <= self.compress_level <= 9:
             raise ConfigError(f"{prefix}compress_level: must be between 0 and 9")
+        if self.engine == "sequoia" and self.compress_level:
+            raise ConfigError(
+                f"{prefix}compress_level: Sequoia does not compress; set {prefix}engine to"
+                " auto or gnupg (gpg then serves every recipient), or compress_level to 0"
+            )
         if self.max_processes < 1:
             raise ConfigError(f"{prefix}max_processes: must be at least 1")
         if self.timeout <= 0:

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from gpgfilter.openpgp.engine import EngineName
 from keystore.model import Binding
 from keystore.store import StoreError
 
@@ -36,6 +37,14 @@ class Metrics:
             ["outcome", "result"],
             registry=self.registry,
         )
+        self.encryptions = Counter(
+            "gpgfilter_encryptions",
+            "Copies encrypted, by the engine that served the recipient: sequoia or gnupg",
+            ["engine"],
+            registry=self.registry,
+        )
+        for engine in ("sequoia", "gnupg"):
+            self.encryptions.labels(engine)  # both series exist from the start, at 0
         self.encryption_seconds = Histogram(
             "gpgfilter_encryption_duration_seconds",
             "Time to encrypt one copy of a message for one recipient",
@@ -64,6 +73,10 @@ class Metrics:
             "1 when the last key store lookup succeeded, 0 when it failed or timed out",
             registry=self.registry,
         )
+
+    def served(self, engine: EngineName) -> None:
+        """Count one encryption by ``engine`` (the engine factory's ``served`` callback)."""
+        self.encryptions.labels(engine).inc()
 
 
 class BindingSource(Protocol):

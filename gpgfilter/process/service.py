@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,8 @@ from gpgfilter.mail.deliver import MailClient
 from gpgfilter.mail.filter import MailFilter
 from gpgfilter.mail.lookup import StoreLookup
 from gpgfilter.mail.receive import Handler, start_server
-from gpgfilter.openpgp.factory import make_engine
+from gpgfilter.openpgp.engine import EngineError
+from gpgfilter.openpgp.factory import engine_summary, make_engine
 from gpgfilter.process.config import Config, ConfigError, load
 from gpgfilter.process.metrics import KeyStateCollector, Metrics
 from gpgfilter.process.monitoring import Health, start_monitoring
@@ -82,7 +84,7 @@ class Service:
             return False
         try:
             mail_filter = build_filter(new, self.metrics, lookup)
-        except OSError as error:
+        except (OSError, EngineError) as error:
             await lookup.close()
             log.error("configuration not reloaded: %s", error)
             return False
@@ -95,7 +97,7 @@ class Service:
         task = asyncio.create_task(_retire(old, old_lookup))
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
-        log.info("configuration reloaded")
+        log.info("configuration reloaded (engine %s)", engine_summary(new.gpg))
         return True
 
     async def health(self) -> Health:
@@ -148,7 +150,9 @@ def open_lookup(config: Config) -> StoreLookup:
 
 
 def build_filter(config: Config, metrics: Metrics, lookup: StoreLookup) -> MailFilter:
-    engine = make_engine(config.gpg, home=config.gnupg_home)
+    # A new engine on every reload: keys are decided again (the store may have changed), and
+    # a changed gpg.engine takes effect.
+    engine = make_engine(config.gpg, home=config.gnupg_home, served=metrics.served)
     client = MailClient(
         config.deliver_to,
         lmtp=config.mode == "lmtp",
@@ -187,10 +191,12 @@ async def start(
         max_connections=config.max_connections,
     )
     log.info(
-        "gpgfilter listening on %s (%s), delivering to %s",
+        "gpgfilter listening on %s (%s), delivering to %s, engine %s, event loop %s",
         config.listen,
         config.mode,
         config.deliver_to,
+        engine_summary(config.gpg),
+        type(asyncio.get_running_loop()).__module__.split(".")[0],
     )
     return Service(
         config, handler, server, metrics, lookup, config_path=config_path, overrides=overrides
@@ -209,11 +215,31 @@ def _use_pidfd_child_watcher() -> None:
     asyncio.set_child_watcher(asyncio.PidfdChildWatcher())
 
 
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop where it is installed, else asyncio's own (None).
+
+    The filter's own work per message is small next to the event loop's: reading DATA,
+    writing to the downstream, waking tasks. uvloop (libuv) does that in C; measured with
+    bench/throughput.py it cuts the filter's CPU per message (docs/design.md has the figures).
+    ``GPGFILTER_EVENT_LOOP=asyncio`` chooses asyncio's loop, to compare or to rule uvloop out.
+    """
+    if os.environ.get("GPGFILTER_EVENT_LOOP", "uvloop") == "asyncio":
+        return None
+    try:
+        import uvloop  # noqa: PLC0415  # optional: asyncio's loop serves when it is missing
+    except ImportError:
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
 def run(
     config: Config, *, config_path: Path | None = None, overrides: dict[str, Any] | None = None
 ) -> None:
     """Run until SIGTERM or SIGINT; SIGHUP reloads the configuration."""
-    _use_pidfd_child_watcher()
+    loop_factory = event_loop_factory()
+    if loop_factory is None:
+        _use_pidfd_child_watcher()  # uvloop waits for its children itself
 
     async def main() -> None:
         service = await start(config, config_path=config_path, overrides=overrides)
@@ -244,4 +270,5 @@ def run(
         if monitoring is not None:
             await monitoring.cleanup()
 
-    asyncio.run(main())
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(main())

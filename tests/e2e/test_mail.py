@@ -12,7 +12,13 @@ import pytest
 
 from tests.support.e2e_stack import Stack
 from tests.support.mailstack import require_mail_stack
-from tests.support.openpgp_tools import TestKey, decrypt_all, decrypt_gpg, packet_recipients
+from tests.support.openpgp_tools import (
+    TestKey,
+    decrypt_all,
+    decrypt_gpg,
+    packet_recipients,
+    packet_versions,
+)
 from tests.support.pgpmime_check import armored_part
 from tests.support.signatures import (
     inner_entity,
@@ -29,6 +35,7 @@ USERS = [
     "bob@example.test",
     "carol@example.test",  # no key: gets mail as it was
     "dave@example.test",
+    "new@example.test",  # a Sequoia 2 key advertising SEIPDv2
     "sender@example.test",
 ]
 CORPUS = load_corpus()
@@ -48,7 +55,9 @@ def stack(
     alice: TestKey,
     bob: TestKey,
     dave_key: TestKey,
+    seipdv2_key: TestKey,
 ) -> Iterator[Stack]:
+    """The stack as installed: the default engine (auto)."""
     require_mail_stack()
     root = tmp_path_factory.mktemp(f"stack-{request.param}")
     with Stack(root, mode=request.param, users=USERS) as running:
@@ -56,6 +65,7 @@ def stack(
         running.filter.import_key(alice.public)
         running.filter.import_key(bob.public)
         running.filter.import_key(dave_key.public)
+        running.filter.import_key(seipdv2_key.public)
         yield running
 
 
@@ -163,13 +173,46 @@ def test_utf8_headers_with_smtputf8(stack: Stack, alice: TestKey) -> None:
     assert decrypt_gpg(alice, armored_part(stored)) == inner_entity(message)
 
 
-def test_metrics_endpoint_counts_outcomes(stack: Stack) -> None:
+def metrics_text(stack: Stack) -> str:
     assert stack.filter is not None
     url = f"http://127.0.0.1:{stack.filter.metrics_port}/metrics"
     with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
+        text: str = response.read().decode()
+    return text
+
+
+def encryptions(stack: Stack, engine: str) -> float:
+    found = re.search(rf'^gpgfilter_encryptions_total\{{engine="{engine}"\}} (\S+)$',
+                      metrics_text(stack), re.M)  # fmt: skip
+    assert found, f"no gpgfilter_encryptions_total for {engine}"
+    return float(found.group(1))
+
+
+def test_metrics_endpoint_counts_outcomes(stack: Stack) -> None:
+    text = metrics_text(stack)
     assert re.search(r'^gpgfilter_messages_total\{outcome="encrypted"\} [1-9]', text, re.M)
     assert "gpgfilter_encryption_duration_seconds_bucket" in text
+
+
+def test_seipdv2_key_gets_mail_gpg_22_reads_beside_the_fast_engine(
+    stack: Stack, alice: TestKey, seipdv2_key: TestKey
+) -> None:
+    """A Sequoia 2 key (advertising SEIPDv2) is served by gpg, in the form GnuPG 2.2, RNP and
+    sq read; a common key in the same transaction by Sequoia in-process; the metrics say so."""
+    fresh(stack, "alice@example.test", "new@example.test")
+    before = {name: encryptions(stack, name) for name in ("sequoia", "gnupg")}
+    message = wire(
+        b"From: sender@example.test\nTo: new@example.test, alice@example.test\n"
+        b"Subject: hello\nMessage-ID: <v2@example.test>\n\nfor new and old keys\n"
+    )
+    send(stack, ["new@example.test", "alice@example.test"], message)
+    for user, key in (("new@example.test", seipdv2_key), ("alice@example.test", alice)):
+        (stored,) = stack.dovecot.wait_for(user, 1)
+        armored = armored_part(stored)
+        assert packet_versions(armored) == ({3}, {1}), user
+        assert decrypt_all(key, armored) == inner_entity(message), user  # gpg 2.2, sq, rnp
+    assert encryptions(stack, "sequoia") == before["sequoia"] + 1
+    assert encryptions(stack, "gnupg") == before["gnupg"] + 1
 
 
 # -- faults (LMTP mode: the recommended wiring) ------------------------------------------------
@@ -179,7 +222,8 @@ def test_metrics_endpoint_counts_outcomes(stack: Stack) -> None:
 def lmtp_stack(tmp_path_factory: pytest.TempPathFactory, alice: TestKey) -> Iterator[Stack]:
     require_mail_stack()
     root = tmp_path_factory.mktemp("faults")
-    with Stack(root, mode="lmtp", users=USERS) as running:
+    # gpg for every recipient: the faults below are gpg's, injected through its wrapper.
+    with Stack(root, mode="lmtp", users=USERS, gpg_yaml="  engine: gnupg\n") as running:
         assert running.filter is not None
         running.filter.import_key(alice.public)
         running.dovecot.add_user("full@example.test", quota_bytes=1)

@@ -84,13 +84,6 @@ def sq_key(key_factory: KeyFactory, tmp_path_factory: pytest.TempPathFactory) ->
     return key_factory.adopt("sq@example.test", path.read_bytes())
 
 
-@pytest.fixture(scope="module")
-def seipdv2_key(key_factory: KeyFactory) -> TestKey:
-    """Sequoia 2 (pysequoia): a v4 key whose Features advertise SEIPDv2."""
-    tsk = pysequoia.Tsk.generate("<new@example.test>", profile=pysequoia.Profile.RFC4880)
-    return key_factory.adopt("new@example.test", str(tsk).encode())
-
-
 @pytest.mark.parametrize("which", ["alice", "bob", "js_key", "sq_key"])
 def test_fast_engine_serves_common_keys_readably(
     which: str, gnupg: GnuPGEngine, request: pytest.FixtureRequest

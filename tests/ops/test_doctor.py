@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import subprocess
 import sys
@@ -36,6 +37,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory, alice: TestKey) -> Iterator[
 
 def doctor(stack: Stack, *extra: str, config: Path | None = None) -> tuple[int, dict[str, str]]:
     """Exit status and {check: status} of a doctor run."""
+    code, statuses, _ = doctor_output(stack, *extra, config=config)
+    return code, statuses
+
+
+def doctor_output(
+    stack: Stack, *extra: str, config: Path | None = None, env: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], str]:
+    """Exit status, {check: status} and the report of a doctor run."""
     assert stack.filter is not None
     done = subprocess.run(
         [
@@ -53,6 +62,7 @@ def doctor(stack: Stack, *extra: str, config: Path | None = None) -> tuple[int, 
         text=True,
         timeout=120,
         check=False,
+        env=env,
     )
     statuses = {}
     for line in done.stdout.splitlines():
@@ -60,7 +70,7 @@ def doctor(stack: Stack, *extra: str, config: Path | None = None) -> tuple[int, 
             status, _, rest = line.partition(" ")
             statuses[rest.strip().split(":")[0]] = status
     assert "Traceback" not in done.stderr
-    return done.returncode, statuses
+    return done.returncode, statuses, done.stdout
 
 
 def test_a_healthy_stack_is_all_ok(stack: Stack) -> None:
@@ -70,6 +80,39 @@ def test_a_healthy_stack_is_all_ok(stack: Stack) -> None:
     assert {"config", "postfix", "filter listener", "dovecot lmtp", "gpg", "key store"} <= set(
         statuses
     )
+
+
+def test_engine_and_what_serves_which_key(
+    stack: Stack, seipdv2_key: TestKey, tmp_path: Path
+) -> None:
+    assert stack.filter is not None
+    stack.filter.import_key(seipdv2_key.public)
+    try:
+        _engine_checks(stack, tmp_path)
+    finally:
+        assert stack.filter.command("keys", "remove", "new@example.test").returncode == 0
+
+
+def _engine_checks(stack: Stack, tmp_path: Path) -> None:
+    assert stack.filter is not None
+    code, statuses, report = doctor_output(stack)
+    assert code == 0 and statuses["engine"] == statuses["engine per key"] == "ok", report
+    assert "auto: Sequoia for keys" in report and "(pysequoia 0.1.35; gpg as above)" in report
+    assert "1 key(s) by Sequoia, 1 by gpg (new@example.test:" in report
+    # The configured engine needs pysequoia: one that does not import is a failure.
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "pysequoia.py").write_text("raise ImportError('simulated broken install')\n")
+    env = {**os.environ, "PYTHONPATH": f"{shadow}:{Path.cwd()}"}
+    code, statuses, report = doctor_output(stack, env=env)
+    assert (code, statuses["engine"]) == (1, "fail"), report
+    assert "needs pysequoia" in report and "gpg.engine: gnupg" in report
+    gnupg = tmp_path / "gnupg.yaml"
+    gnupg.write_text(
+        stack.filter.config_path.read_text().replace("gpg:\n", "gpg:\n  engine: gnupg\n")
+    )
+    code, statuses, report = doctor_output(stack, config=gnupg, env=env)
+    assert statuses["engine"] == "ok" and "gnupg: gpg for every recipient" in report, report
 
 
 def test_bad_config_and_missing_gpg_fail(stack: Stack, tmp_path: Path) -> None:

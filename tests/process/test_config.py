@@ -51,6 +51,8 @@ def test_bad_config_names_key_and_problem(tmp_path: Path) -> None:
         "listen: nowhere\n": "listen: expected HOST:PORT",
         "gpg:\n  compress_level: 12\n": "gpg.compress_level: must be between 0 and 9",
         "max_connections: 0\n": "max_connections: must be at least 1",
+        "gpg:\n  engine: pgpy\n": "gpg.engine: must be one of auto, gnupg, sequoia",
+        "gpg:\n  engine: sequoia\n  compress_level: 6\n": "Sequoia does not compress",
         "policy:\n  no_kye: defer\n": "policy.no_kye: unknown key",
         "- a list\n": "top level must be a mapping",
         "keystore:\n  backend: postgresql\n": (

@@ -35,11 +35,18 @@ def test_sighup_reloads_health_answers_and_sigterm_stops(tmp_path: Path) -> None
     try:
         status, body = _health(process)
         assert status == 200 and body["status"] == "ok"
+        assert "engine auto: Sequoia for keys" in process.log()
+        assert "event loop uvloop" in process.log()
 
         original = process.config_path.read_text()
         process.config_path.write_text(original + "policy:\n  no_key: defer\n")
         process.process.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
-        _wait_log(process, "configuration reloaded")
+        _wait_log(process, "configuration reloaded (engine auto:")
+
+        # A reload builds the engine anew, as the configuration now names it.
+        process.config_path.write_text(original.replace("gpg:\n", "gpg:\n  engine: gnupg\n"))
+        process.process.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+        _wait_log(process, "configuration reloaded (engine gnupg: gpg for every recipient)")
 
         process.config_path.write_text(original + "policy: [broken\n")
         process.process.send_signal(signal.SIGHUP)  # type: ignore[union-attr]

@@ -23,12 +23,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from gpgfilter.mail import pgpmime
+from gpgfilter.mail import storedcopy
 from gpgfilter.mail.classify import Verdict, classify
 from gpgfilter.mail.deliver import Reply
 from gpgfilter.mail.rawmessage import RawMessage, split
 from gpgfilter.mail.recipients import canonical_address
-from gpgfilter.openpgp.check import check_ciphertext
 from gpgfilter.openpgp.engine import Engine, EngineError, Plaintext, Recipient
 from gpgfilter.process.config import PolicyConfig
 from gpgfilter.process.metrics import Metrics
@@ -224,7 +223,7 @@ class MailFilter:
             result = results[position]
             results[position] = None  # a large ciphertext is not kept twice
             if isinstance(result, bytes):
-                decision.payload = pgpmime.assemble(message, result)
+                decision.payload = storedcopy.assemble(message, result)
                 del result
             elif result is not None:
                 self._failed(decision, result, report)
@@ -278,7 +277,7 @@ class MailFilter:
             started = time.monotonic()
             try:
                 armored = await self._encrypt(inner, recipient)
-                payload = pgpmime.assemble(message, armored)
+                payload = storedcopy.assemble(message, armored)
             except Exception as error:
                 self._failed(decision, error, report)
                 replies[index] = decision.reply
@@ -301,11 +300,10 @@ class MailFilter:
     async def _encrypt(self, inner: Plaintext, recipient: Recipient) -> bytes:
         async with self._gpg_slots:  # a bounded number of engine processes at once
             started = time.monotonic()
-            armored = await asyncio.wait_for(
-                self.engine.encrypt(inner, recipient), self.gpg_timeout
+            armored = await storedcopy.encrypt_checked(
+                self.engine, inner, recipient, timeout=self.gpg_timeout
             )
             self.metrics.encryption_seconds.observe(time.monotonic() - started)
-        check_ciphertext(armored, recipient)  # whatever the engine, never trust its word
         return armored
 
     async def _deliver(

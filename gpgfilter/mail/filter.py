@@ -31,7 +31,6 @@ from gpgfilter.mail.recipients import canonical_address
 from gpgfilter.openpgp.engine import Engine, EngineError, Plaintext, Recipient
 from gpgfilter.process.config import PolicyConfig
 from gpgfilter.process.metrics import Metrics
-from keystore.model import StoredKey
 from keystore.store import KeyLookup, StoreError, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -199,7 +198,7 @@ class MailFilter:
             if self.policy.no_key == "defer":
                 return _Decision(Outcome.DEFERRED, reply=NO_KEY_DEFERRED)
             return _Decision(Outcome.NO_KEY)
-        recipient_key = _recipient_for(keys)
+        recipient_key = storedcopy.recipient_for(keys)
         if recipient_key is None:
             if self.policy.unusable_key == "deliver":
                 return _Decision(Outcome.UNUSABLE_KEY)
@@ -382,19 +381,6 @@ class MailFilter:
                 result,
                 str(reply),
             )
-
-
-def _recipient_for(keys: list[StoredKey]) -> Recipient | None:
-    """Every key of the address that can encrypt now, with all of its usable (sub)keys."""
-    now = time.time()
-    usable = [(key, key.usable_encryption_keys(now)) for key in keys]
-    usable = [(key, fingerprints) for key, fingerprints in usable if fingerprints]
-    if not usable:
-        return None
-    return Recipient(
-        key_data=b"".join(key.key_data for key, _ in usable),
-        encryption_keys=tuple(f for _, fingerprints in usable for f in fingerprints),
-    )
 
 
 def _needs_smtputf8(envelope: Envelope, indexes: list[int]) -> bool:

@@ -9,11 +9,26 @@ passes the same check (``openpgp.check``) and is wrapped in the same RFC 3156 as
 from __future__ import annotations
 
 import asyncio
+import time
 
 from gpgfilter.mail import pgpmime
 from gpgfilter.mail.rawmessage import RawMessage
 from gpgfilter.openpgp.check import check_ciphertext
 from gpgfilter.openpgp.engine import Engine, Plaintext, Recipient
+from keystore.model import StoredKey
+
+
+def recipient_for(keys: list[StoredKey]) -> Recipient | None:
+    """Every key of the address that can encrypt now, with all of its usable (sub)keys."""
+    now = time.time()
+    usable = [(key, key.usable_encryption_keys(now)) for key in keys]
+    usable = [(key, fingerprints) for key, fingerprints in usable if fingerprints]
+    if not usable:
+        return None
+    return Recipient(
+        key_data=b"".join(key.key_data for key, _ in usable),
+        encryption_keys=tuple(f for _, fingerprints in usable for f in fingerprints),
+    )
 
 
 async def encrypt_checked(

@@ -209,6 +209,22 @@ class KeyserverConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MailboxConfig:
+    """``gpgfilter mailbox encrypt``: encrypting mail already stored (docs/mailbox.md)."""
+
+    # The doveadm program, and Dovecot's configuration file when not the default one.
+    doveadm: str = "doveadm"
+    dovecot_config: Path | None = None
+    # Folders left in clear: names, or special-use attributes such as \Drafts (clients must
+    # be able to edit drafts).
+    skip_folders: tuple[str, ...] = ("\\Drafts", "Drafts")
+    # Messages replaced per second at most; 0: as fast as gpg goes.
+    throttle: float = 0.0
+    # Encrypt a user's existing mail, in the background, when a key is confirmed or imported.
+    encrypt_on_enrol: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     mode: Literal["lmtp", "smtp"] = "lmtp"
     listen: Endpoint = field(default_factory=lambda: Endpoint("127.0.0.1", 10025))
@@ -231,6 +247,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     publication: PublicationConfig = field(default_factory=PublicationConfig)
     keyserver: KeyserverConfig = field(default_factory=KeyserverConfig)
+    mailbox: MailboxConfig = field(default_factory=MailboxConfig)
 
     @property
     def served_domains(self) -> tuple[str, ...]:
@@ -414,6 +431,8 @@ def _check(config: Any, prefix: str) -> None:
                 ipaddress.ip_network(proxy, strict=False)
             except ValueError:
                 raise ConfigError(f"{prefix}trusted_proxies: {proxy!r} is not an address") from None
+    if isinstance(config, MailboxConfig) and config.throttle < 0:
+        raise ConfigError(f"{prefix}throttle: must be 0 (no limit) or a positive rate")
     if isinstance(config, RateLimitConfig) and (
         config.per_address < 1 or config.per_client < 1 or config.window < 1
     ):

@@ -5,7 +5,7 @@ The encrypted copy carries one header field in its (clear) outer header::
     X-Gpgfilter-Replaces: <UIDVALIDITY>.<UID>; <MAC>
 
 naming the original by its IMAP UID in the same folder, authenticated by an HMAC keyed with a
-secret that never leaves the host (``DATA_DIR/mailbox-marker.key``). Why this shape:
+secret that never leaves the host (``DATA_DIR/mailbox/marker.key``). Why this shape:
 
 - Nothing derived from the message's content stands in clear: the UID is the server's own
   bookkeeping, and the MAC covers only the user, the folder and the UID.
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 FIELD = "X-Gpgfilter-Replaces"
-KEY_FILE = "mailbox-marker.key"
+KEY_FILE = "marker.key"
 _VALUE = re.compile(r"^(\d{1,10})\.(\d{1,10}); ([0-9a-f]{32})$")
 
 
@@ -38,7 +38,7 @@ class MarkerKey:
     def load(cls, data_dir: Path) -> MarkerKey:
         """The host's marker key, made on first use (readable by root only)."""
         path = data_dir / KEY_FILE
-        data_dir.mkdir(parents=True, exist_ok=True)
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
             descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:

@@ -24,8 +24,8 @@ from gpgfilter.mailbox.replace import FolderReplacer, FolderReport, Pacer, StepH
 from gpgfilter.openpgp.engine import Engine, Recipient
 from keystore.model import StoredKey
 
-STATE_FILE = "mailbox-sweep.json"
-LOCK_DIR = "mailbox-locks"
+STATE_FILE = "sweep.json"
+LOCK_DIR = "locks"
 
 
 @dataclass(slots=True)

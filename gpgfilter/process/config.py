@@ -220,8 +220,6 @@ class MailboxConfig:
     skip_folders: tuple[str, ...] = ("\\Drafts", "Drafts")
     # Messages replaced per second at most; 0: as fast as gpg goes.
     throttle: float = 0.0
-    # Encrypt a user's existing mail, in the background, when a key is confirmed or imported.
-    encrypt_on_enrol: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -53,9 +53,12 @@ def encrypt_mailboxes(
     try:
         if users is None:
             users = sorted({b.address for b in store.bindings()})
-        engine = make_engine(config.gpg, home=config.gnupg_home)
+        # Its own state: the command runs as root (doveadm), and gpg homes it made under the
+        # filter's would no longer be writable by the filter's user.
+        state = config.data_dir / "mailbox"
+        engine = make_engine(config.gpg, home=state / "gnupg")
         run = MailboxRun(
-            data_dir=config.data_dir,
+            data_dir=state,
             engine=engine,
             keys_for=store.keys_for,
             settings=settings,

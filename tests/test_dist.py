@@ -49,3 +49,27 @@ def test_systemd_units_verify(unit: str, tmp_path: Path) -> None:
         if unit in line and "Failed to resolve" not in line and "user" not in line.lower()
     ]
     assert not problems, done.stderr
+
+
+def test_mailbox_sweep_timer_verifies_and_runs_the_sweep(tmp_path: Path) -> None:
+    service = (DIST / "systemd" / "gpgfilter-mailbox-sweep.service").read_text()
+    assert "mailbox encrypt --all --since-last" in service
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    command = Path(sys.executable).parent / "gpgfilter"
+    for unit in ("gpgfilter-mailbox-sweep.service", "gpgfilter-mailbox-sweep.timer"):
+        text = (DIST / "systemd" / unit).read_text()
+        (tmp_path / unit).write_text(text.replace("/usr/local/bin/gpgfilter", str(command)))
+    done = subprocess.run(
+        [analyze, "verify", str(tmp_path / "gpgfilter-mailbox-sweep.timer")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    problems = [
+        line
+        for line in done.stderr.splitlines()
+        if "mailbox-sweep" in line and "Failed to resolve" not in line
+    ]
+    assert not problems, done.stderr

@@ -23,16 +23,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from gpgfilter.mail import pgpmime
+from gpgfilter.mail import storedcopy
 from gpgfilter.mail.classify import Verdict, classify
 from gpgfilter.mail.deliver import Reply
 from gpgfilter.mail.rawmessage import RawMessage, split
 from gpgfilter.mail.recipients import canonical_address
-from gpgfilter.openpgp.check import check_ciphertext
 from gpgfilter.openpgp.engine import Engine, EngineError, Plaintext, Recipient
 from gpgfilter.process.config import PolicyConfig
 from gpgfilter.process.metrics import Metrics
-from keystore.model import StoredKey
 from keystore.store import KeyLookup, StoreError, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -200,7 +198,7 @@ class MailFilter:
             if self.policy.no_key == "defer":
                 return _Decision(Outcome.DEFERRED, reply=NO_KEY_DEFERRED)
             return _Decision(Outcome.NO_KEY)
-        recipient_key = _recipient_for(keys)
+        recipient_key = storedcopy.recipient_for(keys)
         if recipient_key is None:
             if self.policy.unusable_key == "deliver":
                 return _Decision(Outcome.UNUSABLE_KEY)
@@ -224,7 +222,7 @@ class MailFilter:
             result = results[position]
             results[position] = None  # a large ciphertext is not kept twice
             if isinstance(result, bytes):
-                decision.payload = pgpmime.assemble(message, result)
+                decision.payload = storedcopy.assemble(message, result)
                 del result
             elif result is not None:
                 self._failed(decision, result, report)
@@ -278,7 +276,7 @@ class MailFilter:
             started = time.monotonic()
             try:
                 armored = await self._encrypt(inner, recipient)
-                payload = pgpmime.assemble(message, armored)
+                payload = storedcopy.assemble(message, armored)
             except Exception as error:
                 self._failed(decision, error, report)
                 replies[index] = decision.reply
@@ -301,11 +299,10 @@ class MailFilter:
     async def _encrypt(self, inner: Plaintext, recipient: Recipient) -> bytes:
         async with self._gpg_slots:  # a bounded number of engine processes at once
             started = time.monotonic()
-            armored = await asyncio.wait_for(
-                self.engine.encrypt(inner, recipient), self.gpg_timeout
+            armored = await storedcopy.encrypt_checked(
+                self.engine, inner, recipient, timeout=self.gpg_timeout
             )
             self.metrics.encryption_seconds.observe(time.monotonic() - started)
-        check_ciphertext(armored, recipient)  # whatever the engine, never trust its word
         return armored
 
     async def _deliver(
@@ -384,19 +381,6 @@ class MailFilter:
                 result,
                 str(reply),
             )
-
-
-def _recipient_for(keys: list[StoredKey]) -> Recipient | None:
-    """Every key of the address that can encrypt now, with all of its usable (sub)keys."""
-    now = time.time()
-    usable = [(key, key.usable_encryption_keys(now)) for key in keys]
-    usable = [(key, fingerprints) for key, fingerprints in usable if fingerprints]
-    if not usable:
-        return None
-    return Recipient(
-        key_data=b"".join(key.key_data for key, _ in usable),
-        encryption_keys=tuple(f for _, fingerprints in usable for f in fingerprints),
-    )
 
 
 def _needs_smtputf8(envelope: Envelope, indexes: list[int]) -> bool:

@@ -375,3 +375,8 @@ def notify_expiry(ctx: click.Context) -> None:
     except (ConfigError, StoreError) as error:
         raise click.ClickException(str(error)) from None
     click.echo(f"sent {sent} expiry notice(s)")
+
+
+from gpgfilter.process import mailbox_cli  # noqa: E402  (it adds to ``main``, defined above)
+
+mailbox_cli.register(main, _load, config_option)

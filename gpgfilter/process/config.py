@@ -257,6 +257,24 @@ class KeyserverConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MailboxConfig:
+    """``gpgfilter mailbox encrypt``: encrypting mail already stored (docs/mailbox.md)."""
+
+    # The doveadm program, and Dovecot's configuration file when not the default one.
+    doveadm: str = "doveadm"
+    dovecot_config: Path | None = None
+    # Folders left in clear: names, or special-use attributes such as \Drafts (clients must
+    # be able to edit drafts).
+    skip_folders: tuple[str, ...] = ("\\Drafts", "Drafts")
+    # Messages replaced per second at most; 0: as fast as gpg goes.
+    throttle: float = 0.0
+
+    def check(self, prefix: str) -> None:
+        if self.throttle < 0:
+            raise ConfigError(f"{prefix}throttle: must be 0 (no limit) or a positive rate")
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     mode: Literal["lmtp", "smtp"] = "lmtp"
     listen: Endpoint = field(default_factory=lambda: Endpoint("127.0.0.1", 10025))
@@ -283,6 +301,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     publication: PublicationConfig = field(default_factory=PublicationConfig)
     keyserver: KeyserverConfig = field(default_factory=KeyserverConfig)
+    mailbox: MailboxConfig = field(default_factory=MailboxConfig)
 
     def check(self, prefix: str) -> None:
         """Checks of the top level, and those that span sections (its sections are checked

@@ -1,0 +1,54 @@
+"""The stored PGP/MIME copy of a raw message for one recipient.
+
+The filter (``filter.py``) and the at-rest command (``gpgfilter.mailbox``) must store exactly the
+same thing for the same message and key, so both call this: whatever the engine, its output
+passes the same check (``openpgp.check``) and is wrapped in the same RFC 3156 assembly
+(``pgpmime``). Throttling, metrics and policy stay with the callers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from gpgfilter.mail import pgpmime
+from gpgfilter.mail.rawmessage import RawMessage
+from gpgfilter.openpgp.check import check_ciphertext
+from gpgfilter.openpgp.engine import Engine, Plaintext, Recipient
+from keystore.model import StoredKey
+
+
+def recipient_for(keys: list[StoredKey]) -> Recipient | None:
+    """Every key of the address that can encrypt now, with all of its usable (sub)keys."""
+    now = time.time()
+    usable = [(key, key.usable_encryption_keys(now)) for key in keys]
+    usable = [(key, fingerprints) for key, fingerprints in usable if fingerprints]
+    if not usable:
+        return None
+    return Recipient(
+        key_data=b"".join(key.key_data for key, _ in usable),
+        encryption_keys=tuple(f for _, fingerprints in usable for f in fingerprints),
+    )
+
+
+async def encrypt_checked(
+    engine: Engine, inner: Plaintext, recipient: Recipient, *, timeout: float
+) -> bytes:
+    """The engine's armored ciphertext of ``inner``, bounded in time and read back: never
+    trust an engine's word (raises EngineError or TimeoutError)."""
+    armored = await asyncio.wait_for(engine.encrypt(inner, recipient), timeout)
+    check_ciphertext(armored, recipient)
+    return armored
+
+
+def assemble(message: RawMessage, armored: bytes) -> list[bytes]:
+    """The message as it is stored: the original's outer header fields around ``armored``."""
+    return pgpmime.assemble(message, armored)
+
+
+async def stored_copy(
+    message: RawMessage, recipient: Recipient, engine: Engine, *, timeout: float
+) -> list[bytes]:
+    """What the filter would have stored for ``message`` and ``recipient``, in pieces."""
+    armored = await encrypt_checked(engine, message.inner_parts(), recipient, timeout=timeout)
+    return assemble(message, armored)

@@ -54,9 +54,7 @@ def test_systemd_units_verify(unit: str, tmp_path: Path) -> None:
 def test_mailbox_sweep_timer_verifies_and_runs_the_sweep(tmp_path: Path) -> None:
     service = (DIST / "systemd" / "gpgfilter-mailbox-sweep.service").read_text()
     assert "mailbox encrypt --all --since-last" in service
-    analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        pytest.skip("systemd-analyze is not installed")
+    analyze = require_program("systemd-analyze", "systemd")
     command = Path(sys.executable).parent / "gpgfilter"
     for unit in ("gpgfilter-mailbox-sweep.service", "gpgfilter-mailbox-sweep.timer"):
         text = (DIST / "systemd" / unit).read_text()

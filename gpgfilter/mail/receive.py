@@ -12,6 +12,7 @@ import asyncio
 import io
 import logging
 import re
+import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -320,8 +321,9 @@ class _Refused(asyncio.Protocol):
     no buffer, so a flood of connections costs no more than accepting them."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.WriteTransport)
-        transport.write(f"{TOO_MANY}\r\n".encode())
+        # A stream transport, though not always an asyncio.WriteTransport subclass (uvloop's
+        # is not): an isinstance check would close the connection without the 421.
+        typing.cast(asyncio.WriteTransport, transport).write(f"{TOO_MANY}\r\n".encode())
         transport.close()
 
 

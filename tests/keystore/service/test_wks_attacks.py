@@ -179,8 +179,8 @@ def _gpg_children(pid: int) -> int:
 
 async def test_a_burst_of_costly_submissions_is_bounded(tmp_path: Path, alice: TestKey) -> None:
     """16 submissions at once of a key carrying forged self-signatures: gpg checks at most
-    the validation slots' worth at once (as for HTTP uploads), the rest are deferred (451:
-    Postfix retries later), and nothing waits without bound."""
+    the validation slots' worth at once (as for HTTP uploads), the rest wait or are deferred
+    (451: Postfix retries later), and nothing waits without bound."""
     binary = base64.b64decode(b"".join(alice.public.splitlines()[2:-2]))
     forged = _plain_submission(alice, forged_self_signatures(binary, 90))
     slots = max(1, (os.cpu_count() or 2) // 2)
@@ -202,8 +202,10 @@ async def test_a_burst_of_costly_submissions_is_bounded(tmp_path: Path, alice: T
         await watcher
         print(f"16 costly submissions: {took:.1f} s, at most {peak} gpg at once")
         assert peak <= slots, peak
+        # Whether any waits long enough to be told "busy" depends on the machine's speed;
+        # that gpg never runs more than the slots at once does not.
         busy = [r for r in replies if r.code == 451]
-        assert busy and all("busy" in r.text for r in busy), replies
+        assert all("busy" in r.text for r in busy), replies
         assert {r.code for r in replies} <= {451, 550}, replies
         assert took < 120
         assert running.sent_to(alice.address) == 0

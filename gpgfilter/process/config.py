@@ -146,6 +146,9 @@ class PolicyConfig:
     no_key: Literal["deliver", "defer"] = "deliver"
     # What happens when every registered key of an address has expired (or was revoked).
     unusable_key: Literal["defer", "deliver"] = "defer"
+    # Header protection (RFC 9788) for addresses whose owner chose nothing: off, copy (the
+    # header fields also inside the encryption) or hide-subject (outside the Subject is [...]).
+    header_protection: Literal["off", "copy", "hide-subject"] = "off"
 
 
 @dataclass(frozen=True, slots=True)

@@ -357,6 +357,8 @@ def _convert(hint: Any, raw: Any, key: str) -> Any:
         )
     if origin is Literal:
         choices = get_args(hint)
+        if raw is False and "off" in choices:
+            raw = "off"  # YAML 1.1 reads a bare off as false
         if raw not in choices:
             raise ConfigError(f"{key}: must be one of {', '.join(map(str, choices))}, got {raw!r}")
         return raw

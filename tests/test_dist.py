@@ -4,7 +4,6 @@ units."""
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 
 from gpgfilter.process.config import Config, load
 from tests.process.test_config import _keys
+from tests.support.debian import require_program
 
 DIST = Path(__file__).resolve().parent.parent / "dist"
 
@@ -34,9 +34,7 @@ def test_sample_config_loads_and_shows_every_key(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("unit", ["gpgfilter.service", "gpgfilter-keyserver.service"])
 def test_systemd_units_verify(unit: str, tmp_path: Path) -> None:
-    analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        pytest.skip("systemd-analyze is not installed")
+    analyze = require_program("systemd-analyze", "systemd")
     text = (DIST / "systemd" / unit).read_text()
     assert "ProtectSystem=strict" in text and "NoNewPrivileges=yes" in text
     assert "PrivateTmp=yes" in text and "User=gpgfilter" in text

@@ -2,7 +2,7 @@
 
 A wrong configuration must stop the filter at start with a message naming the key and the
 problem, never surface later as a deferred message. ``docs/configuration.md`` documents every
-key; ``tests/test_config.py`` checks the two stay in step.
+key; ``tests/process/test_config.py`` checks the two stay in step.
 """
 
 from __future__ import annotations
@@ -139,6 +139,14 @@ class GpgConfig:
     # Seconds one encryption may take before the recipient is deferred.
     timeout: float = 120.0
 
+    def check(self, prefix: str) -> None:
+        if not 0 <= self.compress_level <= 9:
+            raise ConfigError(f"{prefix}compress_level: must be between 0 and 9")
+        if self.max_processes < 1:
+            raise ConfigError(f"{prefix}max_processes: must be at least 1")
+        if self.timeout <= 0:
+            raise ConfigError(f"{prefix}timeout: must be positive")
+
 
 @dataclass(frozen=True, slots=True)
 class PolicyConfig:
@@ -178,6 +186,19 @@ class PublicationConfig:
             return self.submission_address.lower()
         return f"key-submission@{self.domains[0]}" if self.domains else ""
 
+    def check(self, prefix: str) -> None:
+        _check_domains(self.domains, f"{prefix}domains")
+        if self.submission_address:
+            local, at, domain = self.submission_address.strip().lower().rpartition("@")
+            if not at or not local or domain not in self.domains:
+                raise ConfigError(
+                    f"{prefix}submission_address: must be an address in one of the domains"
+                    f" ({', '.join(self.domains) or 'none configured'})"
+                )
+        if self.token_ttl < 60:
+            raise ConfigError(f"{prefix}token_ttl: must be at least 60 seconds")
+        _check_connects(self.wks_relay, f"{prefix}wks_relay")
+
 
 @dataclass(frozen=True, slots=True)
 class RateLimitConfig:
@@ -186,6 +207,10 @@ class RateLimitConfig:
     # Requests to the API per client IP within ``window``.
     per_client: int = 60
     window: Seconds = Seconds(3600)
+
+    def check(self, prefix: str) -> None:
+        if self.per_address < 1 or self.per_client < 1 or self.window < 1:
+            raise ConfigError(f"{prefix.rstrip('.')}: limits and window must be positive")
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +234,20 @@ class KeyserverConfig:
     # ``gpgfilter keys notify-expiry`` from cron instead).
     expiry_check_interval: Seconds = Seconds(6 * 3600)
     rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
+
+    def check(self, prefix: str) -> None:
+        if self.public_url:
+            _check_public_url(self.public_url, f"{prefix}public_url")
+        _check_connects(self.relay, f"{prefix}relay")
+        if self.max_key_bytes < 4096:
+            raise ConfigError(f"{prefix}max_key_bytes: must be at least 4096")
+        if self.token_ttl < 60:
+            raise ConfigError(f"{prefix}token_ttl: must be at least a minute")
+        for proxy in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ConfigError(f"{prefix}trusted_proxies: {proxy!r} is not an address") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,6 +273,27 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     publication: PublicationConfig = field(default_factory=PublicationConfig)
     keyserver: KeyserverConfig = field(default_factory=KeyserverConfig)
+
+    def check(self, prefix: str) -> None:
+        """Checks of the top level, and those that span sections (its sections are checked
+        as they are built, before it)."""
+        if self.deliver is not None:
+            _check_connects(self.deliver, "deliver")
+        if self.max_message_size < 1024:
+            raise ConfigError("max_message_size: must be at least 1024 bytes")
+        if self.delivery_timeout <= 0:
+            raise ConfigError("delivery_timeout: must be positive")
+        if not self.recipient_delimiter.strip() and self.recipient_delimiter:
+            raise ConfigError("recipient_delimiter: must not be blank")
+        if "@" in self.recipient_delimiter:
+            raise ConfigError("recipient_delimiter: must not contain @")
+        _check_domains(self.domains, "domains")
+        outside = [d for d in self.publication.domains if self.domains and d not in self.domains]
+        if outside:
+            raise ConfigError(
+                f"publication.domains: {outside[0]} is not one of domains"
+                f" ({', '.join(self.domains)}): only served domains can be published"
+            )
 
     @property
     def served_domains(self) -> tuple[str, ...]:
@@ -322,7 +382,13 @@ def _build(cls: type[Any], data: Any, prefix: str) -> Any:
     for name, raw in data.items():
         values[name] = _convert(hints[name], raw, f"{prefix}{name}")
     config = cls(**values)
-    _check(config, prefix)
+    if isinstance(config, _Checked):
+        try:
+            config.check(prefix)
+        except ConfigError:
+            raise
+        except ValueError as error:  # from a section defined below gpgfilter (keystore)
+            raise ConfigError(str(error)) from None
     return config
 
 
@@ -385,84 +451,18 @@ def _convert(hint: Any, raw: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported value {raw!r}")  # pragma: no cover
 
 
-def _check(config: Any, prefix: str) -> None:
-    """Range checks that types alone cannot express."""
-    if isinstance(config, KeystoreConfig):
-        # A DSN beside the default backend would quietly give each host its own registry.
-        if config.backend == "postgresql" and not config.dsn:
-            raise ConfigError(f"{prefix}dsn: required when {prefix}backend is postgresql")
-        if config.backend != "postgresql" and config.dsn is not None:
-            raise ConfigError(f"{prefix}dsn: only used when {prefix}backend is postgresql")
-        if config.backend != "sqlite" and config.path is not None:
-            raise ConfigError(f"{prefix}path: only used when {prefix}backend is sqlite")
-        if not 0 < config.lookup_timeout <= 300:
-            raise ConfigError(f"{prefix}lookup_timeout: must be between 0 and 300 seconds")
-    if isinstance(config, GpgConfig):
-        if not 0 <= config.compress_level <= 9:
-            raise ConfigError(f"{prefix}compress_level: must be between 0 and 9")
-        if config.max_processes < 1:
-            raise ConfigError(f"{prefix}max_processes: must be at least 1")
-        if config.timeout <= 0:
-            raise ConfigError(f"{prefix}timeout: must be positive")
-    if isinstance(config, PublicationConfig):
-        _check_publication(config, prefix)
-    if isinstance(config, KeyserverConfig):
-        if config.public_url:
-            _check_public_url(config.public_url, f"{prefix}public_url")
-        _check_connects(config.relay, f"{prefix}relay")
-        if config.max_key_bytes < 4096:
-            raise ConfigError(f"{prefix}max_key_bytes: must be at least 4096")
-        if config.token_ttl < 60:
-            raise ConfigError(f"{prefix}token_ttl: must be at least a minute")
-        for proxy in config.trusted_proxies:
-            try:
-                ipaddress.ip_network(proxy, strict=False)
-            except ValueError:
-                raise ConfigError(f"{prefix}trusted_proxies: {proxy!r} is not an address") from None
-    if isinstance(config, RateLimitConfig) and (
-        config.per_address < 1 or config.per_client < 1 or config.window < 1
-    ):
-        raise ConfigError(f"{prefix.rstrip('.')}: limits and window must be positive")
-    if isinstance(config, Config):
-        if config.deliver is not None:
-            _check_connects(config.deliver, "deliver")
-        if config.max_message_size < 1024:
-            raise ConfigError("max_message_size: must be at least 1024 bytes")
-        if config.delivery_timeout <= 0:
-            raise ConfigError("delivery_timeout: must be positive")
-        if not config.recipient_delimiter.strip() and config.recipient_delimiter:
-            raise ConfigError("recipient_delimiter: must not be blank")
-        if "@" in config.recipient_delimiter:
-            raise ConfigError("recipient_delimiter: must not contain @")
-        _check_domains(config.domains, "domains")
-        outside = [
-            d for d in config.publication.domains if config.domains and d not in config.domains
-        ]
-        if outside:
-            raise ConfigError(
-                f"publication.domains: {outside[0]} is not one of domains"
-                f" ({', '.join(config.domains)}): only served domains can be published"
-            )
+@typing.runtime_checkable
+class _Checked(typing.Protocol):
+    """A section with checks of its own: ranges and combinations that types cannot express.
+    ``prefix`` is where the section sits (``keyserver.``), so messages name the full key."""
+
+    def check(self, prefix: str) -> None: ...
 
 
 def _check_domains(domains: tuple[str, ...], key: str) -> None:
     for domain in domains:
         if domain != domain.strip().lower() or "." not in domain or "@" in domain or "/" in domain:
             raise ConfigError(f"{key}: {domain!r} is not a lower-case domain name like example.org")
-
-
-def _check_publication(config: PublicationConfig, prefix: str) -> None:
-    _check_domains(config.domains, f"{prefix}domains")
-    if config.submission_address:
-        local, at, domain = config.submission_address.strip().lower().rpartition("@")
-        if not at or not local or domain not in config.domains:
-            raise ConfigError(
-                f"{prefix}submission_address: must be an address in one of the domains"
-                f" ({', '.join(config.domains) or 'none configured'})"
-            )
-    if config.token_ttl < 60:
-        raise ConfigError(f"{prefix}token_ttl: must be at least 60 seconds")
-    _check_connects(config.wks_relay, f"{prefix}wks_relay")
 
 
 def _check_connects(endpoint: Endpoint, key: str) -> None:

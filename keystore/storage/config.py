@@ -21,3 +21,16 @@ class KeystoreConfig:
     dsn: str | None = None
     # Seconds the filter waits for one key lookup before deferring that recipient (451).
     lookup_timeout: float = 5.0
+
+    def check(self, prefix: str) -> None:
+        """Combinations the types allow but that make no sense; a ValueError naming the key
+        (under ``prefix``, where the section sits) for the configuration loader to report."""
+        # A DSN beside the default backend would quietly give each host its own registry.
+        if self.backend == "postgresql" and not self.dsn:
+            raise ValueError(f"{prefix}dsn: required when {prefix}backend is postgresql")
+        if self.backend != "postgresql" and self.dsn is not None:
+            raise ValueError(f"{prefix}dsn: only used when {prefix}backend is postgresql")
+        if self.backend != "sqlite" and self.path is not None:
+            raise ValueError(f"{prefix}path: only used when {prefix}backend is sqlite")
+        if not 0 < self.lookup_timeout <= 300:
+            raise ValueError(f"{prefix}lookup_timeout: must be between 0 and 300 seconds")

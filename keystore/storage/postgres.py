@@ -29,8 +29,15 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import TupleRow
 from psycopg.types.json import Jsonb
 
-from keystore.model import AuditEntry, Binding, EncryptionKey, PendingChange, StoredKey
-from keystore.storage.migrations import newer_schema
+from keystore.model import AuditEntry, Binding, PendingChange, StoredKey
+from keystore.storage.migrations import MIGRATIONS, SCHEMA_VERSION, newer_schema
+from keystore.storage.rows import (
+    KEY_COLUMNS,
+    PENDING_COLUMNS,
+    key_columns,
+    row_to_key,
+    row_to_pending,
+)
 from keystore.store import (
     PRUNE_EVERY,
     KeyWasRevoked,
@@ -40,68 +47,6 @@ from keystore.store import (
     scope_kind,
     state_of,
 )
-
-# Each entry upgrades the schema by one version, like keystore.storage.sqlite's list (same tables,
-# PostgreSQL types). A store is brought up to date when opened.
-_MIGRATIONS: tuple[LiteralString, ...] = (
-    """
-    CREATE TABLE meta (key text PRIMARY KEY, value text NOT NULL);
-    CREATE TABLE keys (
-        fingerprint text PRIMARY KEY,
-        key_data bytea NOT NULL,
-        expires bigint,
-        encryption_keys jsonb NOT NULL,
-        user_ids jsonb NOT NULL,
-        revoked boolean NOT NULL DEFAULT false,
-        updated bigint NOT NULL
-    );
-    CREATE TABLE bindings (
-        address text NOT NULL,
-        fingerprint text NOT NULL REFERENCES keys (fingerprint),
-        created bigint NOT NULL,
-        PRIMARY KEY (address, fingerprint)
-    );
-    CREATE INDEX bindings_by_fingerprint ON bindings (fingerprint);
-    """,
-    """
-    CREATE TABLE pending (
-        token_hash text PRIMARY KEY,
-        address text NOT NULL,
-        fingerprint text NOT NULL,
-        key_data bytea NOT NULL,
-        expires_key bigint,
-        encryption_keys jsonb NOT NULL,
-        user_ids jsonb NOT NULL,
-        created bigint NOT NULL,
-        expires bigint NOT NULL,
-        origin text NOT NULL
-    );
-    CREATE INDEX pending_by_address ON pending (address);
-    CREATE TABLE audit (
-        id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-        at bigint NOT NULL,
-        address text NOT NULL,
-        action text NOT NULL,
-        fingerprint text NOT NULL,
-        actor text NOT NULL
-    );
-    CREATE INDEX audit_by_address ON audit (address);
-    CREATE TABLE events (scope text NOT NULL, at bigint NOT NULL);
-    CREATE INDEX events_by_scope ON events (scope, at);
-    CREATE TABLE notices (
-        fingerprint text NOT NULL,
-        kind text NOT NULL,
-        sent bigint NOT NULL,
-        PRIMARY KEY (fingerprint, kind)
-    );
-    """,
-    # Revoked keys are remembered after their stored copy is gone.
-    """
-    CREATE TABLE revoked (fingerprint text PRIMARY KEY, at bigint NOT NULL);
-    INSERT INTO revoked (fingerprint, at) SELECT fingerprint, updated FROM keys WHERE revoked;
-    """,
-)
-SCHEMA_VERSION = len(_MIGRATIONS)
 
 # Advisory locks (transaction-scoped). The single 64-bit key and the (class, id) pairs are
 # separate key spaces in PostgreSQL, so they cannot collide with each other.
@@ -214,16 +159,15 @@ class PostgresKeyStore:
             ' WHERE b.address = %s ORDER BY b.created, k.fingerprint COLLATE "C"',
             (address,),
         )
-        return [_row_to_key(row) for row in rows]
+        return [row_to_key(row) for row in rows]
 
     def key(self, fingerprint: str) -> StoredKey | None:
         rows = self._read(
             "lookup",
-            "SELECT fingerprint, key_data, expires, encryption_keys, user_ids, revoked FROM keys"
-            " WHERE fingerprint = %s",
+            "SELECT " + KEY_COLUMNS + " FROM keys WHERE fingerprint = %s",  # noqa: S608
             (fingerprint.upper(),),
         )
-        return _row_to_key(rows[0]) if rows else None
+        return row_to_key(rows[0]) if rows else None
 
     def bindings(self) -> list[Binding]:
         rows = self._read(
@@ -234,7 +178,7 @@ class PostgresKeyStore:
             ' ORDER BY b.address COLLATE "C", k.fingerprint COLLATE "C"',
             (),
         )
-        return [Binding(row[0], _row_to_key(row[2:]), row[1]) for row in rows]
+        return [Binding(row[0], row_to_key(row[2:]), row[1]) for row in rows]
 
     def bind(
         self, address: str, key: StoredKey, *, replace: bool = True, expected: str | None = None
@@ -250,7 +194,7 @@ class PostgresKeyStore:
                 " ON CONFLICT (fingerprint) DO UPDATE SET key_data = excluded.key_data,"
                 " expires = excluded.expires, encryption_keys = excluded.encryption_keys,"
                 " user_ids = excluded.user_ids, updated = excluded.updated",
-                (*_key_columns(key), now),
+                (*key_columns(key, Jsonb), now),
             )
             # A change landed: tokens issued against the former state are void.
             conn.execute("DELETE FROM pending WHERE address = %s", (address,))
@@ -333,7 +277,7 @@ class PostgresKeyStore:
                 (
                     pending.token_hash,
                     pending.address,
-                    *_key_columns(pending.key),
+                    *key_columns(pending.key, Jsonb),
                     pending.created,
                     pending.expires,
                     pending.origin,
@@ -346,24 +290,24 @@ class PostgresKeyStore:
         # One statement: of two hosts taking the same token at once, exactly one gets the row.
         def work(conn: _Conn) -> TupleRow | None:
             return conn.execute(
-                "DELETE FROM pending WHERE token_hash = %s RETURNING " + _PENDING_COLUMNS,  # noqa: S608
+                "DELETE FROM pending WHERE token_hash = %s RETURNING " + PENDING_COLUMNS,  # noqa: S608
                 (token_hash,),
             ).fetchone()
 
         row = self._transaction(work)
         if row is None:
             return None
-        pending = _row_to_pending(row)
+        pending = row_to_pending(row)
         return pending if pending.expires > now else None
 
     def pending_for(self, address: str, now: int) -> list[PendingChange]:
         rows = self._read(
             "lookup",
-            "SELECT " + _PENDING_COLUMNS + " FROM pending"  # noqa: S608
+            "SELECT " + PENDING_COLUMNS + " FROM pending"  # noqa: S608
             " WHERE address = %s AND expires > %s ORDER BY created, token_hash",
             (address, now),
         )
-        return [_row_to_pending(row) for row in rows]
+        return [row_to_pending(row) for row in rows]
 
     def purge_pending(self, now: int) -> int:
         def work(conn: _Conn) -> int:
@@ -443,8 +387,8 @@ def _migrate(conn: _Conn, *, create: bool, where: str) -> None:
             raise newer_schema(where, current, SCHEMA_VERSION)
         if current == SCHEMA_VERSION:
             return
-        for script in _MIGRATIONS[current:]:
-            conn.execute(script)
+        for migration in MIGRATIONS[current:]:
+            conn.execute(migration.postgresql)
         conn.execute(
             "INSERT INTO meta (key, value) VALUES ('schema_version', %s)"
             " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -505,40 +449,3 @@ def _message(error: psycopg.Error) -> str:
     """The first line of a database error (libpq adds hints and context on further lines)."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
-
-
-_PENDING_COLUMNS: LiteralString = (
-    "fingerprint, key_data, expires_key, encryption_keys, user_ids, false,"
-    " token_hash, address, created, expires, origin"
-)
-
-
-def _key_columns(key: StoredKey) -> tuple[object, ...]:
-    return (
-        key.fingerprint,
-        key.key_data,
-        key.expires,
-        Jsonb([[k.fingerprint, k.expires] for k in key.encryption_keys]),
-        Jsonb(list(key.user_ids)),
-    )
-
-
-def _row_to_pending(row: TupleRow) -> PendingChange:
-    token_hash, address, created, expires, origin = row[6:]
-    assert isinstance(token_hash, str) and isinstance(address, str) and isinstance(origin, str)
-    assert isinstance(created, int) and isinstance(expires, int)
-    return PendingChange(token_hash, address, _row_to_key(row[:6]), created, expires, origin)
-
-
-def _row_to_key(row: TupleRow) -> StoredKey:
-    fingerprint, key_data, expires, encryption_keys, user_ids, revoked = row
-    assert isinstance(fingerprint, str) and isinstance(key_data, bytes)
-    assert isinstance(encryption_keys, list) and isinstance(user_ids, list)
-    return StoredKey(
-        fingerprint=fingerprint,
-        key_data=key_data,
-        expires=expires if isinstance(expires, int) else None,
-        encryption_keys=tuple(EncryptionKey(f, e) for f, e in encryption_keys),
-        user_ids=tuple(user_ids),
-        revoked=bool(revoked),
-    )

@@ -10,8 +10,6 @@ thread.
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 import socket
 import subprocess
 import time
@@ -24,6 +22,7 @@ import pytest
 from aiohttp import web
 
 from keystore.service.http import OPENPGP_JS, PathOnlyAccessLogger
+from tests.support.debian import require_program, skip_unless_ci
 from tests.support.e2e_stack import Stack
 from tests.support.keyserver_harness import (
     TOKEN_IN_TEXT,
@@ -52,17 +51,10 @@ SENDER = "sender@example.test"
 
 
 def _need_browser() -> str:
-    chromium = shutil.which("chromium")
-    missing = [name for name, path in (("chromium", chromium), ("chromedriver", CHROMEDRIVER))
-               if not path or not os.path.exists(path)]  # fmt: skip
+    chromium = require_program("chromium", "chromium")
+    require_program(CHROMEDRIVER, "chromium-driver")
     if not OPENPGP_JS.is_file():
-        missing.append("OpenPGP.js (run keystore/service/web/install)")
-    if missing:
-        message = f"needs {', '.join(missing)}"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    assert chromium is not None
+        skip_unless_ci("needs OpenPGP.js (run keystore/service/web/install)")
     return chromium
 
 

@@ -21,7 +21,7 @@ from gpgfilter.process.keyserver import ThrowAwayEncryptor, relay_sender, start_
 from keystore.service.wks import ServiceKey, WksServer
 from keystore.service.wks_listener import WksHandler
 from keystore.storage.sqlite import SQLiteKeyStore
-from tests.keystore.service.test_wks import DOMAIN, SUBMISSION, WKS_CLIENT, user, wks_client
+from tests.keystore.service.test_wks import DOMAIN, SUBMISSION, require_wks_client, user, wks_client
 from tests.support.e2e_stack import Stack
 from tests.support.mailstack import (
     SNIPPET_DIR,
@@ -32,10 +32,7 @@ from tests.support.mailstack import (
 )
 from tests.support.openpgp_tools import KeyFactory
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.skipif(not Path(WKS_CLIENT).exists(), reason="needs Debian's gpg-wks-client"),
-]
+pytestmark = pytest.mark.e2e
 ALICE = f"alice@{DOMAIN}"
 
 
@@ -86,6 +83,7 @@ def test_key_registered_by_mail_through_the_real_stack(
     tmp_path_factory: pytest.TempPathFactory, service_key: ServiceKey
 ) -> None:
     require_mail_stack()
+    require_wks_client()
     wks_port = free_port()
     stack = Stack(tmp_path_factory.mktemp("wks-stack"), mode="lmtp", users=[ALICE])
     snippet = (SNIPPET_DIR / "wks" / "main.cf").read_text().replace("example.org", DOMAIN)

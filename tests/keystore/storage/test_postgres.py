@@ -3,14 +3,19 @@ migrations under concurrency, and a database that goes away and comes back."""
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from collections.abc import Iterator
+from contextlib import closing
+from pathlib import Path
 
 import psycopg
 import pytest
 
 from keystore.model import PendingChange
-from keystore.storage.postgres import _MIGRATIONS, SCHEMA_VERSION, PostgresKeyStore
+from keystore.storage.migrations import MIGRATIONS, SCHEMA_VERSION
+from keystore.storage.postgres import PostgresKeyStore
+from keystore.storage.sqlite import SQLiteKeyStore
 from keystore.store import StoreError
 from keystore.validate import validate_key
 from tests.support.openpgp_tools import TestKey
@@ -121,7 +126,7 @@ def test_a_version_1_store_is_upgraded_and_keeps_its_keys(
     postgres_dsn: str, alice: TestKey
 ) -> None:
     with psycopg.connect(postgres_dsn, autocommit=True) as conn:
-        conn.execute(_MIGRATIONS[0])
+        conn.execute(MIGRATIONS[0].postgresql)
         conn.execute("INSERT INTO meta VALUES ('schema_version', '1')")
         conn.execute(
             "INSERT INTO keys VALUES ('F1', '\\x00', NULL, '[]', '[\"a <a@x.test>\"]', false, 1)"
@@ -138,8 +143,8 @@ def test_a_version_1_store_is_upgraded_and_keeps_its_keys(
 
 def test_a_version_2_store_keeps_its_revocations_forever(postgres_dsn: str) -> None:
     with psycopg.connect(postgres_dsn, autocommit=True) as conn:
-        conn.execute(_MIGRATIONS[0])
-        conn.execute(_MIGRATIONS[1])
+        conn.execute(MIGRATIONS[0].postgresql)
+        conn.execute(MIGRATIONS[1].postgresql)
         conn.execute("INSERT INTO meta VALUES ('schema_version', '2')")
         conn.execute("INSERT INTO keys VALUES ('F1', '\\x00', NULL, '[]', '[]', true, 1)")
         conn.execute("INSERT INTO keys VALUES ('F2', '\\x00', NULL, '[]', '[]', false, 1)")
@@ -221,3 +226,27 @@ def test_an_invalid_dsn_is_refused_without_echoing_it() -> None:
     with pytest.raises(StoreError, match="not a valid PostgreSQL") as caught:
         PostgresKeyStore("postgresql://u:s3cret-pw@host:notaport/db?bogus")
     assert "s3cret-pw" not in str(caught.value)
+
+
+def test_both_backends_build_the_same_tables(postgres_dsn: str, tmp_path: Path) -> None:
+    """Each schema step gives SQLite and PostgreSQL the same tables and columns, so a store can
+    move between them and a new step cannot be written for one backend only."""
+    SQLiteKeyStore(tmp_path / "k.sqlite", create=True).close()
+    PostgresKeyStore(postgres_dsn, create=True).close()
+    with closing(sqlite3.connect(tmp_path / "k.sqlite")) as db:
+        tables = [row[0] for row in db.execute("SELECT name FROM sqlite_schema WHERE type='table'")]
+        in_sqlite = {
+            (table, column[1])
+            for table in tables
+            if table != "sqlite_sequence"
+            for column in db.execute(f"PRAGMA table_info({table})")
+        }
+    in_postgres = set(
+        _sql(
+            postgres_dsn,
+            "SELECT table_name, column_name FROM information_schema.columns"
+            " WHERE table_schema = current_schema()",
+        )
+    )
+    assert in_sqlite == in_postgres
+    assert len(in_sqlite) > 30 and all(m.why for m in MIGRATIONS)

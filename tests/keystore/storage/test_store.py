@@ -12,7 +12,8 @@ import pytest
 
 from gpgfilter.process.config import KeystoreConfig
 from keystore.model import AuditEntry, PendingChange
-from keystore.storage.sqlite import SCHEMA_VERSION, SQLiteKeyStore
+from keystore.storage.migrations import SCHEMA_VERSION
+from keystore.storage.sqlite import SQLiteKeyStore
 from keystore.store import PRUNE_EVERY, KeyStore, KeyWasRevoked, StoreError
 from keystore.validate import validate_key
 from tests.support.openpgp_tools import TestKey

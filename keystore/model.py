@@ -66,7 +66,9 @@ class PendingChange:
     key: StoredKey
     created: int
     expires: int  # seconds since the epoch; the token is refused after this
-    origin: str  # "web" (signup page / API) or "wks" (Web Key Service mail)
+    origin: str  # "web" (signup page / API), "wks" (Web Key Service mail), "withdraw", "protect"
+    # The owner's header protection choice, applied when the change is confirmed.
+    header_protection: HeaderProtection | None = None
 
 
 @dataclass(frozen=True, slots=True)

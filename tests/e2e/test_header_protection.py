@@ -32,13 +32,17 @@ UNPROTECTABLE = {"clear-no-headers.eml", "clear-duplicate-content-type.eml"}
 
 @pytest.fixture(scope="module", params=["lmtp", "content_filter"])
 def stack(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, alice: TestKey
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    alice: TestKey,
+    bob: TestKey,
 ) -> Iterator[Stack]:
     require_mail_stack()
     root = tmp_path_factory.mktemp(f"hp-{request.param}")
     with Stack(root, mode=request.param, users=USERS) as running:
         assert running.filter is not None
         running.filter.import_key(alice.public)
+        running.filter.import_key(bob.public)
         yield running
 
 
@@ -107,4 +111,38 @@ def test_a_message_already_protected_by_its_sender_is_encrypted_as_it_came(
     send(stack, ["alice@example.test"], message)
     (stored,) = stack.dovecot.wait_for("alice@example.test", 1)
     assert b"Subject: own protection" in stored
+    assert decrypt_all(alice, armored_part(stored)) == inner_entity(message)
+
+
+def test_each_address_gets_its_own_choice_set_by_the_admin_command(
+    stack: Stack, alice: TestKey, bob: TestKey
+) -> None:
+    """One message to three recipients: alice chose hide-subject, bob copy, dave (no choice)
+    gets the default, off. Set with ``gpgfilter keys protect`` while the filter runs."""
+    assert stack.filter is not None
+    set_default(stack, "off")
+    for address, setting in (("alice@example.test", "hide-subject"), ("bob@example.test", "copy")):
+        done = stack.filter.command("keys", "protect", address, setting)
+        assert done.returncode == 0, done.stderr
+    refused = stack.filter.command("keys", "protect", "nobody@example.test", "copy")
+    assert refused.returncode != 0 and "nothing registered" in refused.stderr
+    fresh(stack, "alice@example.test", "bob@example.test", "carol@example.test")
+    message = wire(
+        b"From: sender@example.test\nTo: alice@example.test, bob@example.test\n"
+        b"Subject: quarterly numbers\nMessage-ID: <hp2@example.test>\nMIME-Version: 1.0\n"
+        b"Content-Type: text/plain; charset=us-ascii\n\nThe numbers.\n"
+    )
+    send(stack, ["alice@example.test", "bob@example.test", "carol@example.test"], message)
+    (clear,) = stack.dovecot.wait_for("carol@example.test", 1)
+    (hidden,) = stack.dovecot.wait_for("alice@example.test", 1)
+    (copied,) = stack.dovecot.wait_for("bob@example.test", 1)
+    assert check_protected(decrypt_all(alice, armored_part(hidden)), clear, hidden, "hide-subject")
+    assert b"quarterly numbers" not in hidden
+    assert not check_protected(decrypt_all(bob, armored_part(copied)), clear, copied, "copy")
+    assert b"Subject: quarterly numbers" in copied
+    done = stack.filter.command("keys", "protect", "alice@example.test", "default")
+    assert done.returncode == 0 and "off (the default)" in done.stdout
+    fresh(stack, "alice@example.test")
+    send(stack, ["alice@example.test"], message)
+    (stored,) = stack.dovecot.wait_for("alice@example.test", 1)
     assert decrypt_all(alice, armored_part(stored)) == inner_entity(message)

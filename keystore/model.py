@@ -4,7 +4,15 @@ whether it can be encrypted to now, and to which (sub)keys."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Literal, get_args
+
+# How much of a message's header the filter copies inside the encryption (RFC 9788):
+# "off" encrypts the original entity byte for byte, "copy" also copies the header fields inside,
+# "hide-subject" does that and leaves only "[...]" as the Subject outside.
+HeaderProtection = Literal["off", "copy", "hide-subject"]
+HEADER_PROTECTION_MODES: tuple[HeaderProtection, ...] = get_args(HeaderProtection)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +66,9 @@ class PendingChange:
     key: StoredKey
     created: int
     expires: int  # seconds since the epoch; the token is refused after this
-    origin: str  # "web" (signup page / API) or "wks" (Web Key Service mail)
+    origin: str  # "web" (signup page / API), "wks" (Web Key Service mail), "withdraw", "protect"
+    # The owner's header protection choice, applied when the change is confirmed.
+    header_protection: HeaderProtection | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,3 +80,24 @@ class AuditEntry:
     action: str  # registered, replaced, renewed, withdrawn, revoked, removed
     fingerprint: str
     actor: str  # self-service, admin-api, wks, cli
+
+
+@dataclass(frozen=True, slots=True)
+class AddressSettings:
+    """What the owner (or the admin) chose for one address; None: the admin's default applies."""
+
+    header_protection: HeaderProtection | None = None
+
+
+class AddressKeys(list[StoredKey]):
+    """The keys bound to an address, with the address's settings: one lookup answers both, so
+    the mail path asks the store once per recipient. Still a list, so callers that only want
+    the keys need not change."""
+
+    settings: AddressSettings
+
+    def __init__(
+        self, keys: Iterable[StoredKey] = (), settings: AddressSettings | None = None
+    ) -> None:
+        super().__init__(keys)
+        self.settings = settings or AddressSettings()

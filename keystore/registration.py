@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol, TypeVar
 
 from keystore.gpgbound import ValidationSlots
-from keystore.model import AuditEntry, PendingChange, StoredKey
+from keystore.model import AuditEntry, HeaderProtection, PendingChange, StoredKey
 from keystore.ratelimit import RateLimiter
 from keystore.store import (
     MERGE_ATTEMPTS,
@@ -56,8 +56,9 @@ ORIGIN_WKS = "wks"
 ACTOR_WKS = "wks"
 # A WKS nonce as this registry makes it (token_urlsafe) or as earlier versions did (z-base-32).
 _NONCE = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+ORIGIN_PROTECT = "protect"
 
-Purpose = Literal["confirm", "withdraw"]
+Purpose = Literal["confirm", "withdraw", "protect"]
 _T = TypeVar("_T")
 
 
@@ -186,11 +187,15 @@ class Registry:
         return served_address(address, self.domains, self.delimiters)
 
     # -- self-service ------------------------------------------------------------------------
-    async def upload(self, address: str, data: bytes) -> Outcome:
+    async def upload(
+        self, address: str, data: bytes, header_protection: HeaderProtection | None = None
+    ) -> Outcome:
         """A key (new, replacement or update) or a revocation uploaded for ``address``.
 
         Only a new key costs a challenge mail, so only that counts toward the address's rate
         limit: a stranger's refused uploads never lock the owner out of updating or revoking.
+        ``header_protection`` is the owner's choice for a new key, applied with its confirmation;
+        an update needs no proof and so changes no choice (``request_header_protection`` does).
         """
         address = self._address(address)
         self._check_size(data)
@@ -217,7 +222,13 @@ class Registry:
         token = secrets.token_urlsafe(TOKEN_BYTES)
         now = int(self.clock())
         pending = PendingChange(
-            token_hash(token), address, key, now, now + self.policy.token_ttl, ORIGIN_UPLOAD
+            token_hash(token),
+            address,
+            key,
+            now,
+            now + self.policy.token_ttl,
+            ORIGIN_UPLOAD,
+            header_protection=header_protection,
         )
         await self._challenge(pending, token, "confirm")
         log.info("key %s for %s waits for confirmation", key.fingerprint, address)
@@ -245,6 +256,39 @@ class Registry:
         log.info("withdrawal of %s for %s waits for confirmation", key.fingerprint, address)
         return Outcome("withdrawal-pending", address, key.fingerprint, pending.expires)
 
+    async def request_header_protection(self, address: str, mode: HeaderProtection) -> Outcome:
+        """Mail a token encrypted to the active key: only its holder changes how mail to the
+        address is stored, with the same proof as a withdrawal."""
+        address = self._address(address)
+        now = int(self.clock())
+        usable = [k for k in await self._keys(address) if k.usable_encryption_keys(now)]
+        if not usable:
+            raise Refused("nothing-registered", "no usable key is registered for this address")
+        if self.limiter is not None:
+            await self.limiter.address(address)
+        token = secrets.token_urlsafe(TOKEN_BYTES)
+        pending = PendingChange(
+            token_hash(token),
+            address,
+            usable[0],
+            now,
+            now + self.policy.token_ttl,
+            ORIGIN_PROTECT,
+            header_protection=mode,
+        )
+        await self._challenge(pending, token, "protect")
+        log.info("header protection change for %s waits for confirmation", address)
+        return Outcome("protection-pending", address, usable[0].fingerprint, pending.expires)
+
+    async def admin_header_protection(self, address: str, mode: HeaderProtection | None) -> Outcome:
+        """The admin sets (or, with None, hands back to the default) an address's choice."""
+        address = normalise_address(address)
+        keys = await self._keys(address)
+        if not keys:
+            raise Refused("nothing-registered", "no key is registered for this address")
+        await asyncio.to_thread(self.store.set_header_protection, address, mode)
+        return Outcome("protection-changed", address, keys[-1].fingerprint, keys[-1].expires)
+
     async def confirm(self, token: str) -> Outcome:
         """Carry out the change the token was mailed for; a token works once, until it expires."""
         if not _TOKEN.match(token):
@@ -257,6 +301,13 @@ class Registry:
                 "this code is unknown, was already used or has expired: start again",
             )
         address, key = pending.address, pending.key
+        if pending.origin == ORIGIN_PROTECT:
+            if not any(k.fingerprint == key.fingerprint for k in await self._keys(address)):
+                raise Refused("stale", "the key this change was for is no longer registered")
+            await asyncio.to_thread(
+                self.store.set_header_protection, address, pending.header_protection
+            )
+            return Outcome("protection-changed", address, key.fingerprint, key.expires)
         if pending.origin == ORIGIN_WITHDRAW:
             async with self._updating:
                 active = await self._keys(address)
@@ -291,6 +342,10 @@ class Registry:
             return action, merged
 
         action, key = await self._retrying(attempt)
+        if pending.header_protection is not None:
+            await asyncio.to_thread(
+                self.store.set_header_protection, address, pending.header_protection
+            )
         await self._changed(action, address, key, actor)
         return Outcome(action, address, key.fingerprint, key.expires)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 from typing import Protocol
 
-from keystore.model import AuditEntry, Binding, PendingChange, StoredKey
+from keystore.model import AuditEntry, Binding, HeaderProtection, PendingChange, StoredKey
 
 PRUNE_EVERY = 60  # seconds between prunings of one kind of rate-limit scope
 
@@ -35,6 +35,7 @@ class KeyLookup(Protocol):
 
     async def keys_for(self, address: str) -> list[StoredKey]:
         """The keys bound to a canonical address; empty when the address is not enrolled.
+        The stores answer with ``AddressKeys``, which also carries the address's settings.
         Raises ``StoreError`` (``StoreUnavailable`` when no answer came in time)."""
         ...
 
@@ -73,6 +74,12 @@ def state_of(key_data: bytes | None) -> str:
 class KeyStore(Protocol):
     def keys_for(self, address: str) -> list[StoredKey]:
         """The keys bound to a canonical address; empty when the address is not enrolled."""
+        ...
+
+    def set_header_protection(self, address: str, mode: HeaderProtection | None) -> None:
+        """Remember the address's header protection choice (None: the admin's default). Kept
+        apart from the bindings, so a replaced key keeps it; dropped when the address is
+        removed."""
         ...
 
     def key(self, fingerprint: str) -> StoredKey | None:

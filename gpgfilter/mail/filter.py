@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from gpgfilter.mail import storedcopy
+from gpgfilter.mail import protect, storedcopy
 from gpgfilter.mail.classify import Verdict, classify
 from gpgfilter.mail.deliver import Reply
 from gpgfilter.mail.rawmessage import RawMessage, split
@@ -31,6 +31,7 @@ from gpgfilter.mail.recipients import canonical_address
 from gpgfilter.openpgp.engine import Engine, EngineError, Plaintext, Recipient
 from gpgfilter.process.config import PolicyConfig
 from gpgfilter.process.metrics import Metrics
+from keystore.model import HeaderProtection
 from keystore.store import KeyLookup, StoreError, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ class Envelope:
 class _Decision:
     outcome: Outcome
     recipient: Recipient | None = None  # set when the copy must be encrypted
+    protection: HeaderProtection = "off"
     reply: Reply | None = None  # set when we answer without delivering
     payload: list[bytes] | None = None
 
@@ -203,7 +205,8 @@ class MailFilter:
             if self.policy.unusable_key == "deliver":
                 return _Decision(Outcome.UNUSABLE_KEY)
             return _Decision(Outcome.DEFERRED, reply=KEY_UNUSABLE)
-        return _Decision(Outcome.ENCRYPTED, recipient=recipient_key)
+        protection = storedcopy.protection_for(keys, self.policy.header_protection)
+        return _Decision(Outcome.ENCRYPTED, recipient=recipient_key, protection=protection)
 
     async def _encrypt_all(
         self, message: RawMessage, decisions: list[_Decision], report: _Report
@@ -211,10 +214,14 @@ class MailFilter:
         todo = [d for d in decisions if d.recipient is not None]
         if not todo:
             return
-        inner = message.inner_parts()
+        layouts = _Layouts(message)
         started = time.monotonic()
         results: list[bytes | BaseException | None] = await asyncio.gather(
-            *(self._encrypt(inner, d.recipient) for d in todo if d.recipient is not None),
+            *(
+                self._encrypt(layouts.of(d).inner, d.recipient)
+                for d in todo
+                if d.recipient is not None
+            ),
             return_exceptions=True,
         )
         report.encrypt_seconds = time.monotonic() - started
@@ -222,7 +229,9 @@ class MailFilter:
             result = results[position]
             results[position] = None  # a large ciphertext is not kept twice
             if isinstance(result, bytes):
-                decision.payload = storedcopy.assemble(message, result)
+                decision.payload = storedcopy.assemble(
+                    message, result, outer=layouts.of(decision).outer
+                )
                 del result
             elif result is not None:
                 self._failed(decision, result, report)
@@ -248,7 +257,7 @@ class MailFilter:
         """Per-recipient answers (LMTP): each copy is delivered as soon as it is encrypted and
         then let go, so a large message to many recipients is never held encrypted N times."""
         replies: list[Reply | None] = [d.reply for d in decisions]
-        inner = message.inner_parts()
+        layouts = _Layouts(message)
         # A large message's copies are made one after the other: each costs ~1.4x the message
         # plus the engine's buffers, and N of them at once would multiply that by N.
         one_at_a_time = asyncio.Lock() if len(envelope.content) > LARGE_MESSAGE_BYTES else None
@@ -275,8 +284,9 @@ class MailFilter:
         async def make_and_send(index: int, decision: _Decision, recipient: Recipient) -> None:
             started = time.monotonic()
             try:
-                armored = await self._encrypt(inner, recipient)
-                payload = storedcopy.assemble(message, armored)
+                layout = layouts.of(decision)
+                armored = await self._encrypt(layout.inner, recipient)
+                payload = storedcopy.assemble(message, armored, outer=layout.outer)
             except Exception as error:
                 self._failed(decision, error, report)
                 replies[index] = decision.reply
@@ -381,6 +391,20 @@ class MailFilter:
                 result,
                 str(reply),
             )
+
+
+class _Layouts:
+    """Each header-protection layout of one message, made once however many copies use it."""
+
+    def __init__(self, message: RawMessage) -> None:
+        self.message = message
+        self.made: dict[HeaderProtection, protect.Layout] = {}
+
+    def of(self, decision: _Decision) -> protect.Layout:
+        mode = decision.protection
+        if mode not in self.made:
+            self.made[mode] = protect.layout(self.message, mode)
+        return self.made[mode]
 
 
 def _needs_smtputf8(envelope: Envelope, indexes: list[int]) -> bool:

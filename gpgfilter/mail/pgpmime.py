@@ -17,8 +17,12 @@ def new_boundary() -> str:
     return f"gpgfilter.{secrets.token_hex(16)}_"
 
 
-def assemble(message: RawMessage, armored: bytes, boundary: str | None = None) -> list[bytes]:
-    """The encrypted message: outer header fields, RFC 3156 headers and body.
+def assemble(
+    message: RawMessage, armored: bytes, boundary: str | None = None, *, outer: bytes | None = None
+) -> list[bytes]:
+    """The encrypted message: outer header fields, RFC 3156 headers and body. ``outer``
+    replaces the message's own outer fields when header protection changed them
+    (``gpgfilter.mail.protect``).
 
     Returned in three pieces, each ending a line, so that a large ciphertext is not copied once
     more just to be joined to a few header lines.
@@ -30,7 +34,7 @@ def assemble(message: RawMessage, armored: bytes, boundary: str | None = None) -
         armored += CRLF
     head = b"".join(
         (
-            join_fields(message.outer_fields),
+            join_fields(message.outer_fields) if outer is None else outer,
             b"MIME-Version: 1.0\r\n",
             b'Content-Type: multipart/encrypted; protocol="application/pgp-encrypted";\r\n',
             b' boundary="' + mark + b'"\r\n',

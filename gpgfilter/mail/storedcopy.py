@@ -11,11 +11,11 @@ from __future__ import annotations
 import asyncio
 import time
 
-from gpgfilter.mail import pgpmime
+from gpgfilter.mail import pgpmime, protect
 from gpgfilter.mail.rawmessage import RawMessage
 from gpgfilter.openpgp.check import check_ciphertext
 from gpgfilter.openpgp.engine import Engine, Plaintext, Recipient
-from keystore.model import StoredKey
+from keystore.model import AddressKeys, HeaderProtection, StoredKey
 
 
 def recipient_for(keys: list[StoredKey]) -> Recipient | None:
@@ -31,6 +31,12 @@ def recipient_for(keys: list[StoredKey]) -> Recipient | None:
     )
 
 
+def protection_for(keys: list[StoredKey], default: HeaderProtection) -> HeaderProtection:
+    """The address's own header protection choice, or the admin's default."""
+    chosen = keys.settings.header_protection if isinstance(keys, AddressKeys) else None
+    return chosen or default
+
+
 async def encrypt_checked(
     engine: Engine, inner: Plaintext, recipient: Recipient, *, timeout: float
 ) -> bytes:
@@ -41,14 +47,22 @@ async def encrypt_checked(
     return armored
 
 
-def assemble(message: RawMessage, armored: bytes) -> list[bytes]:
-    """The message as it is stored: the original's outer header fields around ``armored``."""
-    return pgpmime.assemble(message, armored)
+def assemble(message: RawMessage, armored: bytes, *, outer: bytes | None = None) -> list[bytes]:
+    """The message as it is stored: ``armored`` inside the outer header fields — the
+    original's, or ``outer`` where header protection changed them (``protect.Layout``)."""
+    return pgpmime.assemble(message, armored, outer=outer)
 
 
 async def stored_copy(
-    message: RawMessage, recipient: Recipient, engine: Engine, *, timeout: float
+    message: RawMessage,
+    recipient: Recipient,
+    engine: Engine,
+    *,
+    timeout: float,
+    protection: HeaderProtection = "off",
 ) -> list[bytes]:
-    """What the filter would have stored for ``message`` and ``recipient``, in pieces."""
-    armored = await encrypt_checked(engine, message.inner_parts(), recipient, timeout=timeout)
-    return assemble(message, armored)
+    """What the filter would have stored for ``message`` and ``recipient`` with the address's
+    header protection, in pieces."""
+    layout = protect.layout(message, protection)
+    armored = await encrypt_checked(engine, layout.inner, recipient, timeout=timeout)
+    return assemble(message, armored, outer=layout.outer)

@@ -27,6 +27,7 @@ from gpgfilter.mail.rawmessage import split
 from gpgfilter.mailbox.dovecot import Listed, MailboxError, Session
 from gpgfilter.mailbox.marker import FIELD, MarkerKey
 from gpgfilter.openpgp.engine import Engine, EngineError, Recipient
+from keystore.model import HeaderProtection
 
 RECENT = "\\recent"
 DELETED = "\\deleted"
@@ -86,6 +87,7 @@ class FolderReplacer:
         recipient: Recipient,
         engine: Engine,
         marker: MarkerKey,
+        protection: HeaderProtection = "off",
         timeout: float,
         pacer: Pacer,
         dry_run: bool = False,
@@ -95,6 +97,7 @@ class FolderReplacer:
         self.session = session
         self.user = user
         self.recipient = recipient
+        self.protection = protection
         self.engine = engine
         self.marker = marker
         self.timeout = timeout
@@ -156,7 +159,7 @@ class FolderReplacer:
             return
         await self.pacer.wait()
         pieces = await storedcopy.stored_copy(
-            parsed, self.recipient, self.engine, timeout=self.timeout
+            parsed, self.recipient, self.engine, timeout=self.timeout, protection=self.protection
         )
         del parsed, original
         copy = self.marker.field(self.user, folder, uidvalidity, message.uid) + b"".join(pieces)

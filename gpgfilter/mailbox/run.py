@@ -22,7 +22,7 @@ from gpgfilter.mailbox.dovecot import Folder, MailboxError, Session
 from gpgfilter.mailbox.marker import MarkerKey
 from gpgfilter.mailbox.replace import FolderReplacer, FolderReport, Pacer, StepHook
 from gpgfilter.openpgp.engine import Engine, Recipient
-from keystore.model import StoredKey
+from keystore.model import HeaderProtection, StoredKey
 
 STATE_FILE = "sweep.json"
 LOCK_DIR = "locks"
@@ -101,6 +101,7 @@ class RunSettings:
     timeout: float = 120.0
     dry_run: bool = False
     since_last: bool = False
+    header_protection: HeaderProtection = "off"  # the admin's default, as for the filter
 
 
 class MailboxRun:
@@ -148,14 +149,14 @@ class MailboxRun:
         """One user's mailbox; ``progress(done, total)`` after each message."""
         started = time.monotonic()
         report = UserReport(user)
-        recipient = storedcopy.recipient_for(self.keys_for(user))
+        keys = self.keys_for(user)
+        recipient = storedcopy.recipient_for(keys)
         if recipient is None:
             report.skipped = (
-                "no key registered"
-                if not self.keys_for(user)
-                else "no usable key (expired or revoked)"
+                "no key registered" if not keys else "no usable key (expired or revoked)"
             )
             return report
+        protection = storedcopy.protection_for(keys, self.settings.header_protection)
         with user_lock(self.data_dir, user) as mine:
             if not mine:
                 report.skipped = "another run is working on this mailbox"
@@ -167,7 +168,7 @@ class MailboxRun:
                 return report
             with session:
                 try:
-                    await self._folders(session, user, recipient, report, progress)
+                    await self._folders(session, user, recipient, protection, report, progress)
                 except MailboxError as error:
                     # Nothing is lost (see replace.py); the next run goes on from here.
                     report.error = str(error)
@@ -179,6 +180,7 @@ class MailboxRun:
         session: Session,
         user: str,
         recipient: Recipient,
+        protection: HeaderProtection,
         report: UserReport,
         progress: Callable[[int, int], None] | None,
     ) -> None:
@@ -202,6 +204,7 @@ class MailboxRun:
             session=session,
             user=user,
             recipient=recipient,
+            protection=protection,
             engine=self.engine,
             marker=self.marker,
             timeout=self.settings.timeout,

@@ -19,6 +19,7 @@ from gpgfilter.ops.postfix import DEFAULT_POSTFIX_DIR, Postconf
 from gpgfilter.process.config import Config, ConfigError, load
 from gpgfilter.process.service import run
 from keystore.logsafe import setup_logging
+from keystore.model import HEADER_PROTECTION_MODES
 from keystore.storage.open import open_store
 from keystore.store import KeyStore, KeyWasRevoked, StoreError, stored_state
 from keystore.validate import KeyRejected, KeyRevoked, merge_key, validate_key
@@ -257,6 +258,30 @@ def remove_key(ctx: click.Context, target: str, revoked_too: bool) -> None:
     if not removed:
         raise click.ClickException(f"nothing registered for {target}")
     click.echo(f"removed {removed} binding(s)")
+
+
+@keys.command("protect")
+@config_option
+@click.argument("address")
+@click.argument("setting", type=click.Choice([*HEADER_PROTECTION_MODES, "default"]))
+@click.pass_context
+def protect_header(ctx: click.Context, address: str, setting: str) -> None:
+    """Set an address's header protection: off, copy, hide-subject, or default (the
+    configuration's policy.header_protection). The address must have a key registered."""
+    config = _load(ctx)
+    store = _store(config, create=False)
+    wanted = address.strip().lower()
+    try:
+        if not store.keys_for(wanted):
+            raise click.ClickException(f"nothing registered for {address}")
+        mode = next((m for m in HEADER_PROTECTION_MODES if m == setting), None)
+        store.set_header_protection(wanted, mode)
+    except StoreError as error:
+        raise click.ClickException(str(error)) from None
+    finally:
+        store.close()
+    effective = mode or f"{config.policy.header_protection} (the default)"
+    click.echo(f"{wanted}: header protection {effective}")
 
 
 _postfix_dir_option = click.option(

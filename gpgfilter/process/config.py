@@ -163,6 +163,9 @@ class PolicyConfig:
     no_key: Literal["deliver", "defer"] = "deliver"
     # What happens when every registered key of an address has expired (or was revoked).
     unusable_key: Literal["defer", "deliver"] = "defer"
+    # Header protection (RFC 9788) for addresses whose owner chose nothing: off, copy (the
+    # header fields also inside the encryption) or hide-subject (outside the Subject is [...]).
+    header_protection: Literal["off", "copy", "hide-subject"] = "off"
 
 
 @dataclass(frozen=True, slots=True)
@@ -454,6 +457,8 @@ def _convert(hint: Any, raw: Any, key: str) -> Any:
         )
     if origin is Literal:
         choices = get_args(hint)
+        if raw is False and "off" in choices:
+            raw = "off"  # YAML 1.1 reads a bare off as false
         if raw not in choices:
             raise ConfigError(f"{key}: must be one of {', '.join(map(str, choices))}, got {raw!r}")
         return raw

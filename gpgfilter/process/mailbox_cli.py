@@ -37,6 +37,7 @@ def settings_from(
         timeout=config.gpg.timeout,
         dry_run=dry_run,
         since_last=since_last,
+        header_protection=config.policy.header_protection,
     )
 
 

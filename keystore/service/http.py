@@ -29,6 +29,7 @@ from aiohttp.abc import AbstractAccessLogger
 
 from keystore.gpgbound import Busy
 from keystore.logsafe import escape
+from keystore.model import HEADER_PROTECTION_MODES, HeaderProtection
 from keystore.ratelimit import RateLimited, RateLimiter
 from keystore.registration import Outcome, Refused, Registry
 from keystore.store import StoreError
@@ -56,7 +57,7 @@ _STATUS = {
     "stale": 409,
     "mail-failed": 503,
 }
-_ACCEPTED = {"pending": 202, "withdrawal-pending": 202}
+_ACCEPTED = {"pending": 202, "withdrawal-pending": 202, "protection-pending": 202}
 _MESSAGES = {
     "pending": "A confirmation mail, encrypted to this key, was sent to {address}. Decrypt it"
     " and follow the link in it (or enter its code on the confirmation page) to activate the"
@@ -69,6 +70,9 @@ _MESSAGES = {
     "registered": "The key is now registered: incoming mail for {address} is encrypted to it.",
     "replaced": "The new key is now registered: incoming mail for {address} is encrypted to it.",
     "withdrawn": "The key is no longer registered for {address}.",
+    "protection-pending": "A mail, encrypted to the registered key, was sent to {address}."
+    " Decrypt it and confirm to change the header protection.",
+    "protection-changed": "The header protection of mail to {address} was changed.",
 }
 _STATIC = {
     "app.js": "text/javascript",
@@ -132,8 +136,10 @@ def create_app(
     router.add_get("/api/v1/keys/{address}", status)
     router.add_post("/api/v1/confirm", confirm)
     router.add_post("/api/v1/withdraw", withdraw)
+    router.add_post("/api/v1/header-protection", header_protection)
     router.add_put("/api/v1/admin/keys/{address}", admin_bind)
     router.add_delete("/api/v1/admin/keys/{address}", admin_withdraw)
+    router.add_put("/api/v1/admin/header-protection/{address}", admin_header_protection)
     router.add_get("/api/v1/admin/audit", admin_audit)
     return app
 
@@ -311,7 +317,29 @@ async def upload(request: web.Request) -> web.Response:
     data = _key_bytes(body)
     if len(data) > request.app[SETTINGS].max_key_bytes:
         return _too_large(request)
-    return _outcome(await request.app[REGISTRY].upload(_text(body, "address"), data))
+    choice = _header_protection(body, required=False)
+    return _outcome(await request.app[REGISTRY].upload(_text(body, "address"), data, choice))
+
+
+def _header_protection(body: dict[str, Any], *, required: bool) -> HeaderProtection | None:
+    """The optional ``header_protection`` field: one of the settings, or null for none."""
+    value = body.get("header_protection")
+    if value is None and not required:
+        return None
+    for mode in HEADER_PROTECTION_MODES:
+        if value == mode:
+            return mode
+    raise Refused(
+        "bad-request", "header_protection must be one of " + ", ".join(HEADER_PROTECTION_MODES)
+    )
+
+
+async def header_protection(request: web.Request) -> web.Response:
+    body = await _body(request)
+    mode = _header_protection(body, required=True)
+    assert mode is not None
+    registry = request.app[REGISTRY]
+    return _outcome(await registry.request_header_protection(_text(body, "address"), mode))
 
 
 async def confirm(request: web.Request) -> web.Response:
@@ -366,6 +394,14 @@ async def admin_bind(request: web.Request) -> web.Response:
 async def admin_withdraw(request: web.Request) -> web.Response:
     registry = _admin(request)
     return _outcome(await registry.admin_withdraw(_path_address(request)))
+
+
+async def admin_header_protection(request: web.Request) -> web.Response:
+    """Set an address's choice; null hands it back to the configuration's default."""
+    registry = _admin(request)
+    body = await _body(request)
+    mode = _header_protection(body, required=False)
+    return _outcome(await registry.admin_header_protection(_path_address(request), mode))
 
 
 async def admin_audit(request: web.Request) -> web.Response:

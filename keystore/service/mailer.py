@@ -19,6 +19,7 @@ from keystore.service.outbound import EncryptionFailed, Encryptor, Send
 _SUBJECTS = {
     "confirm": "Confirm your OpenPGP key",
     "withdraw": "Confirm the withdrawal of your OpenPGP key",
+    "protect": "Confirm the change of how your mail is stored",
     "registered": "An OpenPGP key was registered for your address",
     "replaced": "The OpenPGP key for your address was replaced",
     "renewed": "The OpenPGP key for your address was renewed",
@@ -112,6 +113,12 @@ class Mailer:
         link = f"{self.public_url}/confirm#token={token}"
         if purpose == "confirm":
             what = f"register the OpenPGP key\n  {_spaced(key.fingerprint)}\nfor mail to {address}"
+            ignore = "nothing changes"
+        elif purpose == "protect":
+            what = (
+                f"change the header protection of mail to {address} (whether its header"
+                " fields, and its Subject, are also stored inside the encryption)"
+            )
             ignore = "nothing changes"
         else:
             what = (

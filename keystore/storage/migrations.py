@@ -146,6 +146,17 @@ MIGRATIONS: tuple[Migration, ...] = (
         INSERT INTO revoked (fingerprint, at) SELECT fingerprint, updated FROM keys WHERE revoked;
         """,
     ),
+    Migration(
+        why="per-address settings (header protection), and the choice a pending change carries",
+        sqlite="""
+        CREATE TABLE address_settings (address TEXT PRIMARY KEY, header_protection TEXT);
+        ALTER TABLE pending ADD COLUMN header_protection TEXT;
+        """,
+        postgresql="""
+        CREATE TABLE address_settings (address text PRIMARY KEY, header_protection text);
+        ALTER TABLE pending ADD COLUMN header_protection text;
+        """,
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

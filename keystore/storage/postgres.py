@@ -29,14 +29,23 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import TupleRow
 from psycopg.types.json import Jsonb
 
-from keystore.model import AuditEntry, Binding, PendingChange, StoredKey
+from keystore.model import (
+    AddressKeys,
+    AuditEntry,
+    Binding,
+    HeaderProtection,
+    PendingChange,
+    StoredKey,
+)
 from keystore.storage.migrations import MIGRATIONS, SCHEMA_VERSION, newer_schema
 from keystore.storage.rows import (
+    ADDRESS_KEYS_QUERY,
     KEY_COLUMNS,
     PENDING_COLUMNS,
     key_columns,
     row_to_key,
     row_to_pending,
+    rows_to_address_keys,
 )
 from keystore.store import (
     PRUNE_EVERY,
@@ -151,15 +160,25 @@ class PostgresKeyStore:
                 raise StoreError(f"key store update failed: {_message(error)}") from None
 
     # -- queries -------------------------------------------------------------------------
-    def keys_for(self, address: str) -> list[StoredKey]:
+    def keys_for(self, address: str) -> AddressKeys:
         rows = self._read(
             "lookup",
-            "SELECT k.fingerprint, k.key_data, k.expires, k.encryption_keys, k.user_ids,"
-            " k.revoked FROM bindings b JOIN keys k USING (fingerprint)"
-            ' WHERE b.address = %s ORDER BY b.created, k.fingerprint COLLATE "C"',
+            ADDRESS_KEYS_QUERY
+            + ' WHERE b.address = %s ORDER BY b.created, k.fingerprint COLLATE "C"',
             (address,),
         )
-        return [row_to_key(row) for row in rows]
+        return rows_to_address_keys(rows)
+
+    def set_header_protection(self, address: str, mode: HeaderProtection | None) -> None:
+        def work(conn: _Conn) -> None:
+            conn.execute(
+                "INSERT INTO address_settings (address, header_protection) VALUES (%s, %s)"
+                " ON CONFLICT (address) DO UPDATE"
+                " SET header_protection = excluded.header_protection",
+                (address, mode),
+            )
+
+        self._transaction(work)
 
     def key(self, fingerprint: str) -> StoredKey | None:
         rows = self._read(
@@ -247,11 +266,15 @@ class PostgresKeyStore:
     def remove(self, address_or_fingerprint: str) -> int:
         def work(conn: _Conn) -> int:
             _lock_registry(conn)
-            conn.execute(
+            for statement in (
                 "DELETE FROM pending WHERE address IN (SELECT address FROM bindings"
                 " WHERE address = %s OR fingerprint = %s)",
-                (address_or_fingerprint.lower(), address_or_fingerprint.upper()),
-            )
+                "DELETE FROM address_settings WHERE address IN (SELECT address FROM bindings"
+                " WHERE address = %s OR fingerprint = %s)",
+            ):
+                conn.execute(
+                    statement, (address_or_fingerprint.lower(), address_or_fingerprint.upper())
+                )
             cursor = conn.execute(
                 "DELETE FROM bindings WHERE address = %s OR fingerprint = %s",
                 (address_or_fingerprint.lower(), address_or_fingerprint.upper()),
@@ -272,8 +295,8 @@ class PostgresKeyStore:
             )
             conn.execute(
                 "INSERT INTO pending (token_hash, address, fingerprint, key_data, expires_key,"
-                " encryption_keys, user_ids, created, expires, origin)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                " encryption_keys, user_ids, created, expires, origin, header_protection)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
                 (
                     pending.token_hash,
                     pending.address,
@@ -281,6 +304,7 @@ class PostgresKeyStore:
                     pending.created,
                     pending.expires,
                     pending.origin,
+                    pending.header_protection,
                 ),
             )
 

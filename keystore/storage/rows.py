@@ -10,7 +10,15 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Any, LiteralString
 
-from keystore.model import EncryptionKey, PendingChange, StoredKey
+from keystore.model import (
+    HEADER_PROTECTION_MODES,
+    AddressKeys,
+    AddressSettings,
+    EncryptionKey,
+    HeaderProtection,
+    PendingChange,
+    StoredKey,
+)
 
 # The columns ``row_to_key`` reads, in its order.
 KEY_COLUMNS: LiteralString = "fingerprint, key_data, expires, encryption_keys, user_ids, revoked"
@@ -18,7 +26,14 @@ KEY_COLUMNS: LiteralString = "fingerprint, key_data, expires, encryption_keys, u
 # The columns ``row_to_pending`` reads: a key (a pending key is never revoked), then the change.
 PENDING_COLUMNS: LiteralString = (
     "fingerprint, key_data, expires_key, encryption_keys, user_ids, false,"
-    " token_hash, address, created, expires, origin"
+    " token_hash, address, created, expires, origin, header_protection"
+)
+
+# ``keys_for``'s query: a key's columns, then the address's settings (NULL when none).
+ADDRESS_KEYS_QUERY: LiteralString = (
+    "SELECT k.fingerprint, k.key_data, k.expires, k.encryption_keys, k.user_ids, k.revoked,"
+    " s.header_protection FROM bindings b JOIN keys k USING (fingerprint)"
+    " LEFT JOIN address_settings s ON s.address = b.address"
 )
 
 
@@ -47,10 +62,32 @@ def row_to_key(row: Sequence[object]) -> StoredKey:
 
 
 def row_to_pending(row: Sequence[object]) -> PendingChange:
-    token_hash, address, created, expires, origin = row[6:]
+    token_hash, address, created, expires, origin, protection = row[6:]
     assert isinstance(token_hash, str) and isinstance(address, str) and isinstance(origin, str)
     assert isinstance(created, int) and isinstance(expires, int)
-    return PendingChange(token_hash, address, row_to_key(row[:6]), created, expires, origin)
+    return PendingChange(
+        token_hash,
+        address,
+        row_to_key(row[:6]),
+        created,
+        expires,
+        origin,
+        header_protection=header_protection(protection),
+    )
+
+
+def header_protection(value: object) -> HeaderProtection | None:
+    """A stored choice; anything unknown reads as no choice (the admin's default applies)."""
+    for mode in HEADER_PROTECTION_MODES:
+        if value == mode:
+            return mode
+    return None
+
+
+def rows_to_address_keys(rows: Sequence[Sequence[object]]) -> AddressKeys:
+    """``ADDRESS_KEYS_QUERY``'s rows: the keys, and the settings every row repeats."""
+    settings = AddressSettings(header_protection(rows[0][6]) if rows else None)
+    return AddressKeys((row_to_key(row[:6]) for row in rows), settings)
 
 
 def _json_list(value: object) -> list[Any]:

@@ -16,14 +16,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from keystore.model import AuditEntry, Binding, PendingChange, StoredKey
+from keystore.model import (
+    AddressKeys,
+    AuditEntry,
+    Binding,
+    HeaderProtection,
+    PendingChange,
+    StoredKey,
+)
 from keystore.storage.migrations import MIGRATIONS, SCHEMA_VERSION, newer_schema
 from keystore.storage.rows import (
+    ADDRESS_KEYS_QUERY,
     KEY_COLUMNS,
     PENDING_COLUMNS,
     key_columns,
     row_to_key,
     row_to_pending,
+    rows_to_address_keys,
 )
 from keystore.store import PRUNE_EVERY, KeyWasRevoked, StaleMerge, StoreError, scope_kind, state_of
 
@@ -114,14 +123,23 @@ class SQLiteKeyStore:
             self._conn = None
 
     # -- queries -------------------------------------------------------------------------
-    def keys_for(self, address: str) -> list[StoredKey]:
+    def keys_for(self, address: str) -> AddressKeys:
         rows = self._read(
-            "SELECT k.fingerprint, k.key_data, k.expires, k.encryption_keys,"
-            " k.user_ids, k.revoked FROM bindings b JOIN keys k USING (fingerprint)"
-            " WHERE b.address = ? ORDER BY b.created, k.fingerprint",
+            ADDRESS_KEYS_QUERY + " WHERE b.address = ? ORDER BY b.created, k.fingerprint",
             (address,),
         )
-        return [row_to_key(row) for row in rows]
+        return rows_to_address_keys(rows)
+
+    def set_header_protection(self, address: str, mode: HeaderProtection | None) -> None:
+        def work(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO address_settings (address, header_protection) VALUES (?, ?)"
+                " ON CONFLICT (address) DO UPDATE"
+                " SET header_protection = excluded.header_protection",
+                (address, mode),
+            )
+
+        self._transaction(work)
 
     def key(self, fingerprint: str) -> StoredKey | None:
         rows = self._read(
@@ -198,11 +216,12 @@ class SQLiteKeyStore:
 
     def remove(self, address_or_fingerprint: str) -> int:
         def work(conn: sqlite3.Connection) -> int:
-            conn.execute(
-                "DELETE FROM pending WHERE address IN (SELECT address FROM bindings"
-                " WHERE address = ? OR fingerprint = ?)",
-                (address_or_fingerprint.lower(), address_or_fingerprint.upper()),
-            )
+            for table in ("pending", "address_settings"):
+                conn.execute(
+                    f"DELETE FROM {table} WHERE address IN (SELECT address FROM bindings"  # noqa: S608
+                    " WHERE address = ? OR fingerprint = ?)",
+                    (address_or_fingerprint.lower(), address_or_fingerprint.upper()),
+                )
             removed = conn.execute(
                 "DELETE FROM bindings WHERE address = ? OR fingerprint = ?",
                 (address_or_fingerprint.lower(), address_or_fingerprint.upper()),
@@ -221,8 +240,8 @@ class SQLiteKeyStore:
             )
             conn.execute(
                 "INSERT INTO pending (token_hash, address, fingerprint, key_data,"
-                " expires_key, encryption_keys, user_ids, created, expires, origin)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " expires_key, encryption_keys, user_ids, created, expires, origin,"
+                " header_protection) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     pending.token_hash,
                     pending.address,
@@ -230,6 +249,7 @@ class SQLiteKeyStore:
                     pending.created,
                     pending.expires,
                     pending.origin,
+                    pending.header_protection,
                 ),
             )
 

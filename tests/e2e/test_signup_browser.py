@@ -195,6 +195,9 @@ def _signup(chromium: str, served: Served, tmp_path: Path) -> None:
         assert private.read_bytes().startswith(b"-----BEGIN PGP PRIVATE KEY BLOCK-----")
         assert b"BEGIN PGP PUBLIC KEY BLOCK" in revocation.read_bytes()
 
+        hide = driver.find_element(By.ID, "hide-subject")
+        assert not hide.is_selected()  # nothing is hidden unless the owner asks
+        hide.click()
         driver.find_element(By.ID, "register").click()
         result = driver.find_element(By.ID, "result")
         _wait_for(lambda: "was sent to" in result.text, what="the registration answer")
@@ -204,6 +207,7 @@ def _signup(chromium: str, served: Served, tmp_path: Path) -> None:
         key = _key_from_browser(private, ADDRESS, tmp_path / "gnupg")
         [pending] = store.pending_for(ADDRESS, int(time.time()))
         assert pending.key.fingerprint == key.fingerprint
+        assert pending.header_protection == "hide-subject"
         # The challenge, from the mailbox: Postfix → gpgfilter (already encrypted) → Dovecot.
         [stored] = served.stack.dovecot.wait_for(ADDRESS, 1, timeout=60)
         plaintext = decrypt_gpg(key, ciphertext_of(parse(stored)))
@@ -223,6 +227,7 @@ def _signup(chromium: str, served: Served, tmp_path: Path) -> None:
         driver.quit()
     [active] = store.keys_for(ADDRESS)
     assert active.fingerprint == key.fingerprint and active.usable_encryption_keys()
+    assert store.keys_for(ADDRESS).settings.header_protection == "hide-subject"
 
     # From now on the filter encrypts this user's mail to the browser-made key.
     message = (
@@ -235,4 +240,8 @@ def _signup(chromium: str, served: Served, tmp_path: Path) -> None:
         what="the mail sent after signup",
     )
     assert b"only nina can read this" not in mailbox[0]
-    assert b"only nina can read this" in decrypt_gpg(key, armored_part(mailbox[0]))
+    inner = decrypt_gpg(key, armored_part(mailbox[0]))
+    assert b"only nina can read this" in inner
+    # The Subject she chose to hide: [...] on the server, the real one inside.
+    assert b"\r\nSubject: [...]\r\n" in mailbox[0] and b"welcome" not in mailbox[0]
+    assert b"\r\nSubject: welcome\r\n" in inner and b'hp="cipher"' in inner

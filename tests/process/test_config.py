@@ -201,3 +201,14 @@ def test_endpoint_parse_either_refuses_or_round_trips(text: str) -> None:
 def test_good_endpoints_still_parse(host: str) -> None:
     assert str(Endpoint.parse(f"{host}:24")) == f"{host}:24"
     assert str(Endpoint.parse(f"inet:{host}:24")) == f"{host}:24"
+
+
+def test_header_protection_off_written_bare_in_yaml(tmp_path: Path) -> None:
+    """YAML 1.1 reads a bare ``off`` as false; the admin meant the setting "off"."""
+    config = tmp_path / "hp.yaml"
+    for text, expected in (("off", "off"), ("copy", "copy"), ("hide-subject", "hide-subject")):
+        config.write_text(f"data_dir: {tmp_path}\npolicy:\n  header_protection: {text}\n")
+        assert load(config).policy.header_protection == expected
+    config.write_text(f"data_dir: {tmp_path}\npolicy:\n  header_protection: hide\n")
+    with pytest.raises(ConfigError, match="header_protection: must be one of off, copy"):
+        load(config)

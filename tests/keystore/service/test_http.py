@@ -568,3 +568,59 @@ async def test_the_service_checks_expiry_by_itself(tmp_path: Path, key_factory: 
                 await asyncio.sleep(0.1)
         [notice] = mails_to(ks.relay, soon.address)
         assert notice["Subject"] == "Your OpenPGP key expires soon"
+
+
+async def test_header_protection_chosen_at_signup_and_changed_only_with_proof(
+    tmp_path: Path, key_factory: KeyFactory, bob: TestKey
+) -> None:
+    """The choice made with the upload applies once the owner confirms; a later change needs
+    a token mailed encrypted to the registered key, like a withdrawal; the admin sets it."""
+    lena = key_factory.make("lena@example.test")
+    async with running_keyserver(tmp_path) as ks, api_client(ks) as client:
+        bad = {**_upload(lena, lena.address), "header_protection": "hide"}
+        response = await client.post("/api/v1/keys", json=bad)
+        assert response.status == 400 and "header_protection" in (await response.json())["message"]
+        chosen = {**_upload(lena, lena.address), "header_protection": "hide-subject"}
+        assert (await client.post("/api/v1/keys", json=chosen)).status == 202
+        assert ks.store.keys_for(lena.address).settings.header_protection is None
+        await client.post("/api/v1/confirm", json={"token": challenge_token(ks.relay, lena)})
+        assert ks.store.keys_for(lena.address).settings.header_protection == "hide-subject"
+
+        # Anyone can ask for a change; only the key's holder can carry it out.
+        change = {"address": lena.address, "header_protection": "copy"}
+        response = await client.post("/api/v1/header-protection", json=change)
+        assert response.status == 202
+        assert (await response.json())["status"] == "protection-pending"
+        challenge = mails_to(ks.relay, lena.address)[-1]
+        assert challenge["Subject"] == "Confirm the change of how your mail is stored"
+        with pytest.raises(ToolError):
+            decrypt_gpg(bob, ciphertext_of(challenge))
+        assert ks.store.keys_for(lena.address).settings.header_protection == "hide-subject"
+        token = challenge_token(ks.relay, lena)
+        response = await client.post("/api/v1/confirm", json={"token": token})
+        assert (await response.json())["status"] == "protection-changed"
+        assert ks.store.keys_for(lena.address).settings.header_protection == "copy"
+        again = await client.post("/api/v1/confirm", json={"token": token})
+        assert again.status == 410
+
+        # An update of the same key (no proof needed) changes no choice.
+        response = await client.post("/api/v1/keys", json={**chosen, "header_protection": "off"})
+        assert (await response.json())["status"] in ("unchanged", "renewed")
+        assert ks.store.keys_for(lena.address).settings.header_protection == "copy"
+
+        for body in ({"address": lena.address}, {**change, "header_protection": 1}):
+            response = await client.post("/api/v1/header-protection", json=body)
+            assert response.status == 400
+        nobody = {"address": "nobody@example.test", "header_protection": "copy"}
+        assert (await client.post("/api/v1/header-protection", json=nobody)).status == 404
+
+        url = f"/api/v1/admin/header-protection/{lena.address}"
+        off = {"header_protection": "off"}
+        assert (await client.put(url, json=off)).status == 401
+        response = await client.put(url, json=off, headers=ADMIN)
+        assert (await response.json())["status"] == "protection-changed"
+        assert ks.store.keys_for(lena.address).settings.header_protection == "off"
+        response = await client.put(url, json={"header_protection": None}, headers=ADMIN)
+        assert ks.store.keys_for(lena.address).settings.header_protection is None
+        missing = "/api/v1/admin/header-protection/nobody@example.test"
+        assert (await client.put(missing, json=off, headers=ADMIN)).status == 404

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import sqlite3
 from contextlib import closing
+from dataclasses import replace
 from pathlib import Path
 
 import psycopg
 import pytest
 
 from gpgfilter.process.config import KeystoreConfig
-from keystore.model import AuditEntry, PendingChange
+from keystore.model import AddressSettings, AuditEntry, PendingChange
 from keystore.storage.migrations import SCHEMA_VERSION
 from keystore.storage.sqlite import SQLiteKeyStore
 from keystore.store import PRUNE_EVERY, KeyStore, KeyWasRevoked, StoreError
@@ -75,6 +76,8 @@ def test_a_version_2_sqlite_store_keeps_its_revocations_forever(
     store.close()
     with sqlite3.connect(path) as conn:  # a revocation as version 2 stored it
         conn.execute("DROP TABLE revoked")
+        conn.execute("DROP TABLE address_settings")  # and what later versions added
+        conn.execute("ALTER TABLE pending DROP COLUMN header_protection")
         conn.execute("UPDATE keys SET revoked = 1")
         conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
     store = SQLiteKeyStore(path)
@@ -90,7 +93,7 @@ def test_an_older_sqlite_store_is_upgraded_and_a_newer_one_refused(tmp_path: Pat
     path = tmp_path / "k.sqlite"
     SQLiteKeyStore(path, create=True).close()
     with sqlite3.connect(path) as conn:
-        for table in ("pending", "audit", "events", "notices", "revoked"):  # not in version 1
+        for table in ("pending", "audit", "events", "notices", "revoked", "address_settings"):
             conn.execute(f"DROP TABLE {table}")
         conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     store = SQLiteKeyStore(path)
@@ -125,3 +128,34 @@ def test_a_flood_writes_at_most_the_limit_and_old_rows_are_pruned(
     assert _event_rows(store, keystore_config) == 20 + 100 + 1
     assert store.hit("client:late", 2000 + 3600 + PRUNE_EVERY, 3600, 20) == 1
     assert _event_rows(store, keystore_config) == 1 + 1
+
+
+def test_header_protection_is_per_address_survives_a_new_key_and_goes_with_the_address(
+    store: KeyStore, alice: TestKey, bob: TestKey
+) -> None:
+    alice_key = validate_key(alice.public).key
+    store.bind("alice@example.test", alice_key)
+    assert store.keys_for("alice@example.test").settings == AddressSettings(None)
+    store.set_header_protection("alice@example.test", "hide-subject")
+    found = store.keys_for("alice@example.test")
+    assert [k.fingerprint for k in found] == [alice.fingerprint]
+    assert found.settings.header_protection == "hide-subject"
+    assert store.keys_for("bob@example.test").settings == AddressSettings(None)
+    store.bind("alice@example.test", validate_key(bob.public).key)  # a replacement key
+    assert store.keys_for("alice@example.test").settings.header_protection == "hide-subject"
+    store.set_header_protection("alice@example.test", "copy")
+    assert store.keys_for("alice@example.test").settings.header_protection == "copy"
+    store.set_header_protection("alice@example.test", None)
+    assert store.keys_for("alice@example.test").settings.header_protection is None
+    store.set_header_protection("alice@example.test", "off")
+    assert store.remove("alice@example.test") == 1
+    store.bind("alice@example.test", alice_key)
+    assert store.keys_for("alice@example.test").settings.header_protection is None
+
+
+def test_a_pending_change_carries_the_owners_choice(store: KeyStore, alice: TestKey) -> None:
+    pending = replace(_pending(alice, "a" * 64), header_protection="hide-subject")
+    store.add_pending(pending)
+    assert store.pending_for("alice@example.test", 1500)[0].header_protection == "hide-subject"
+    taken = store.take_pending("a" * 64, 1500)
+    assert taken is not None and taken.header_protection == "hide-subject"

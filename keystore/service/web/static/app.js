@@ -93,7 +93,9 @@ async function register(event) {
     return;
   }
   show(status, "Sending…", true);
-  const { ok, data } = await post("/api/v1/keys", { address: $("address").value.trim(), ...payload });
+  const request = { address: $("address").value.trim(), ...payload };
+  if ($("hide-subject").checked) request.header_protection = "hide-subject";
+  const { ok, data } = await post("/api/v1/keys", request);
   show(status, data.message || "Something went wrong.", ok);
 }
 
@@ -101,6 +103,15 @@ async function withdraw(event) {
   event.preventDefault();
   const { ok, data } = await post("/api/v1/withdraw", { address: $("withdraw-address").value.trim() });
   show($("withdraw-result"), data.message || "Something went wrong.", ok);
+}
+
+async function protect(event) {
+  event.preventDefault();
+  const { ok, data } = await post("/api/v1/header-protection", {
+    address: $("protect-address").value.trim(),
+    header_protection: $("protect-setting").value,
+  });
+  show($("protect-result"), data.message || "Something went wrong.", ok);
 }
 
 async function probe() {
@@ -123,5 +134,8 @@ $("upload").addEventListener("submit", (event) => {
 });
 $("withdraw").addEventListener("submit", (event) => {
   withdraw(event).catch(() => show($("withdraw-result"), "The server could not be reached.", false));
+});
+$("protect").addEventListener("submit", (event) => {
+  protect(event).catch(() => show($("protect-result"), "The server could not be reached.", false));
 });
 probe();

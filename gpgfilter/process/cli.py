@@ -281,16 +281,28 @@ _dovecot_option = click.option(
 @_dovecot_option
 @click.option("--dry-run", is_flag=True, help="Print every change and command; change nothing.")
 @click.option("--undo", is_flag=True, help="Restore what an earlier setup changed.")
+@click.option(
+    "--route",
+    type=click.Choice(["all", "enrolled"]),
+    default=None,
+    help="Route every message, or only those for addresses with a key, through the filter"
+    " [default: route: in the configuration, else all].",
+)
 @click.pass_context
 def setup(
-    ctx: click.Context, postfix_dir: Path, dovecot_config: Path, dry_run: bool, undo: bool
+    ctx: click.Context,
+    postfix_dir: Path,
+    dovecot_config: Path,
+    dry_run: bool,
+    undo: bool,
+    route: str | None,
 ) -> None:
     """Wire gpgfilter into Postfix (and Dovecot's LMTP listener where needed).
 
     The mode (LMTP transport or content_filter) and the ports come from gpgfilter's
     configuration. Safe to run again: a second run changes nothing.
     """
-    config = _load(ctx)
+    config = _load(ctx, {"route": route})
     try:
         postconf = Postconf(postfix_dir)
         if undo:
@@ -319,6 +331,11 @@ def setup(
         )
     except SetupError as error:
         raise click.ClickException(str(error)) from None
+    if route == "enrolled" and _load(ctx).route != "enrolled":
+        warnings.append(
+            "add `route: enrolled` to the configuration file, so that the filter and doctor"
+            " know (the filter then refuses policy.no_key: defer at start)"
+        )
     for warning in warnings:
         click.echo(f"warning: {warning}", err=True)
     click.echo(f"done ({plan.mode} mode); `gpgfilter setup --undo` reverts it (record: {record})")

@@ -4,6 +4,7 @@ that route mail through the filter in either mode."""
 
 from __future__ import annotations
 
+import os
 import shlex
 from pathlib import Path
 from urllib.parse import quote, urlencode
@@ -194,3 +195,18 @@ def _pgsql_lines(dsn: str) -> list[str]:
     if password:
         lines.append(f"password = {password}")
     return lines
+
+
+def route_probe(postconf: Postconf, config: Config, domains: str, owner: str) -> list[str]:
+    """``postmap -q`` on the table as Postfix's user (``mail_owner``), who must read the store:
+    exit status 0 or 1 (found or not) is an answer, anything else or a warning is not."""
+    table = route_table(postconf, config).removeprefix("proxy:")
+    first = domains.replace(",", " ").split()[0] if domains.strip() else "invalid"
+    probe = ["postmap", "-c", str(postconf.config_dir), "-q", f"gpgfilter-probe@{first}", table]
+    if os.geteuid() == 0:
+        probe = ["setpriv", f"--reuid={owner}", f"--regid={owner}", "--init-groups", *probe]
+    return probe
+
+
+def probe_failed(returncode: int, stderr: str) -> bool:
+    return returncode not in (0, 1) or "fatal" in stderr or "warning" in stderr

@@ -35,7 +35,9 @@ from gpgfilter.ops.postfix import (
     Postconf,
     content_filter_parameters,
     lmtp_parameters,
+    probe_failed,
     route_map_text,
+    route_probe,
     route_table,
 )
 from gpgfilter.process.config import Config, Endpoint
@@ -200,13 +202,9 @@ def _plan_route(
             Change(str(path), "transport table", shown_old, f"lookups in {where} for {domains}")
         )
         plan.route_file = (path, text, mode)
-    kind = table.split(":")[1]
-    probe = ["postmap", "-c", str(postconf.config_dir), "-q"]
-    probe += [f"gpgfilter-probe@{domains.replace(',', ' ').split()[0]}", f"{kind}:{path}"]
     owner = postconf.effective("mail_owner") or "postfix"
     plan.route_owner = owner
-    if os.geteuid() == 0:
-        probe = ["setpriv", f"--reuid={owner}", f"--regid={owner}", "--init-groups", *probe]
+    probe = route_probe(postconf, config, domains, owner)
     plan.route_probe = probe
 
 
@@ -402,8 +400,7 @@ def _write_route_table(plan: Plan, config: Config, run: Runner) -> None:
     if plan.route_probe is None:
         return
     done = run(plan.route_probe)
-    problem = done.returncode not in (0, 1) or "fatal" in done.stderr or "warning" in done.stderr
-    if problem:
+    if probe_failed(done.returncode, done.stderr):
         path.unlink(missing_ok=True)
         where = (
             "the PostgreSQL store"

@@ -87,6 +87,8 @@ def test_only_enrolled_mail_waits_for_the_filter_and_a_new_key_routes_the_next_m
     done = _setup(stack, gpgfilter)
     assert done.returncode == 0, done.stderr
     assert "nothing to change" in _setup(stack, gpgfilter).stdout
+    doctor = gpgfilter.command("doctor", "--postfix-dir", str(stack.postfix.config_dir))
+    assert "ok   postfix route: enrolled recipients via proxy:sqlite:" in doctor.stdout
 
     # Sub-address and case find the owner's binding, as the filter's own lookup does.
     for n, to in enumerate(["alice+tag@example.test", "ALICE@Example.TEST"], start=1):

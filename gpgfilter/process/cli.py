@@ -238,7 +238,12 @@ def import_keys(
         domains = tuple(
             sorted({u.rpartition("@")[2].rstrip(">").lower() for _, d in found for u in _uids(d)})
         )
-    store = _store(config, create=not dry_run)
+    scratch = tempfile.TemporaryDirectory(prefix="gpgfilter-dry-")
+    if dry_run and config.keystore.backend == "sqlite" and not config.keystore_path.exists():
+        # Nothing registered yet: a dry run reports against an empty store, and makes none.
+        store = open_store(config.keystore, Path(scratch.name) / "keys.sqlite", create=True)
+    else:
+        store = _store(config, create=not dry_run)
     registry = Registry(
         store,
         _NoNotices(),
@@ -279,6 +284,7 @@ def import_keys(
         raise click.ClickException(str(error)) from None
     finally:
         store.close()
+        scratch.cleanup()
     summary = ", ".join(f"{n} {action}" for action, n in sorted(counts.items()))
     click.echo(
         f"{len(found)} key(s): {summary}" + (" (dry run: nothing changed)" if dry_run else "")

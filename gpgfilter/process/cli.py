@@ -199,7 +199,7 @@ def _split_keys(chunks: list[bytes], gnupg_home: Path | None, gpg: str) -> list[
 @click.option("--address", help="Bind each key to this address, whatever its user IDs say.")
 @click.option(
     "--gnupg-home",
-    type=click.Path(path_type=Path, file_okay=False, exists=True),
+    type=click.Path(path_type=Path, file_okay=False),
     help="Also import every public key of this GnuPG home (read only).",
 )
 @click.option("--dry-run", is_flag=True, help="Report what would change; change nothing.")
@@ -223,6 +223,8 @@ def import_keys(
     setup_logging("warning")
     if not files and gnupg_home is None:
         raise click.UsageError("name key files (- for standard input) or --gnupg-home")
+    if gnupg_home is not None and not gnupg_home.is_dir():
+        raise click.ClickException(f"{gnupg_home}: no such GnuPG home")
     chunks = []
     for path in files:
         try:

@@ -456,7 +456,7 @@ class Registry:
         return Outcome("pending", address, key.fingerprint, pending.expires)
 
     # -- administrator ---------------------------------------------------------------------
-    async def admin_bind(self, address: str, data: bytes) -> Outcome:
+    async def admin_bind(self, address: str, data: bytes, *, actor: str = "admin-api") -> Outcome:
         """Bind without a challenge: the provider has verified the owner some other way. A key
         already stored is merged, never rolled back, and a revoked one is never bound again."""
         address = self._address(address)
@@ -465,7 +465,58 @@ class Registry:
             validated = await self._validate(data, address, require_uid=False)
         except KeyRejected as error:
             raise Refused("key-rejected", str(error)) from None
+        return await self._admin_store(address, data, validated, address, actor, dry_run=False)
 
+    async def admin_import(
+        self, data: bytes, *, actor: str = "cli", dry_run: bool = False
+    ) -> list[Outcome]:
+        """One key bound to each address of its user IDs in the served domains (moving in from
+        another filter's keyring), by the rules of ``admin_bind``. A revoked key that is
+        registered here is revoked here too (gpg proved the revocation); elsewhere refused."""
+        self._check_size(data)
+        try:
+            validated = await self._validate(data, "", require_uid=False)
+        except KeyRevoked as revoked:
+            return await self._import_revocation(revoked.fingerprint, data, actor, dry_run)
+        except KeyRejected as error:
+            raise Refused("key-rejected", str(error)) from None
+        served = []
+        for address in validated.addresses:
+            try:
+                served.append(self._address(address))
+            except Refused:
+                continue
+        if not served:
+            raise Refused("foreign-domain", f"no user ID of the key is in {_listed(self.domains)}")
+        return [
+            await self._admin_store(address, data, validated, None, actor, dry_run=dry_run)
+            for address in served
+        ]
+
+    async def _import_revocation(
+        self, fingerprint: str, data: bytes, actor: str, dry_run: bool
+    ) -> list[Outcome]:
+        holders = [
+            b.address
+            for b in await asyncio.to_thread(self.store.bindings)
+            if b.key.fingerprint == fingerprint and not b.key.revoked
+        ]
+        if not holders:
+            raise Refused("key-rejected", "the key is revoked")
+        if dry_run:
+            return [Outcome("revoked", address, fingerprint) for address in holders]
+        return [await self._revoke(address, data, actor=actor) for address in holders]
+
+    async def _admin_store(
+        self,
+        address: str,
+        data: bytes,
+        validated: ValidatedKey,
+        merge_address: str | None,
+        actor: str,
+        *,
+        dry_run: bool,
+    ) -> Outcome:
         async def attempt() -> tuple[str, StoredKey]:
             key = validated.key
             active = await self._keys(address)
@@ -473,25 +524,27 @@ class Registry:
             if stored is not None:
                 if stored.revoked:
                     raise _key_revoked()
-                merged = await self._merge(stored, data, address, require_uid=False)
+                merged = await self._merge(stored, data, merge_address or "", require_uid=False)
                 if not merged.changed and any(k.fingerprint == key.fingerprint for k in active):
                     return "unchanged", stored
                 key = merged.key
+            elif await asyncio.to_thread(self.store.was_revoked, key.fingerprint):
+                raise _key_revoked()
             if any(k.fingerprint == key.fingerprint for k in active):
                 action = "renewed"
             elif active:
                 action = "replaced"
             else:
                 action = "registered"
-            await asyncio.to_thread(
-                self.store.bind, address, key, replace=True, expected=stored_state(stored)
-            )
+            if not dry_run:
+                await asyncio.to_thread(
+                    self.store.bind, address, key, replace=True, expected=stored_state(stored)
+                )
             return action, key
 
         action, key = await self._retrying(attempt)
-        if action == "unchanged":
-            return Outcome("unchanged", address, key.fingerprint, key.expires)
-        await self._changed(action, address, key, "admin-api")
+        if action != "unchanged" and not dry_run:
+            await self._changed(action, address, key, actor)
         return Outcome(action, address, key.fingerprint, key.expires)
 
     async def admin_withdraw(self, address: str) -> Outcome:

@@ -24,7 +24,15 @@ from pathlib import Path
 from gpgfilter.openpgp.engine import Recipient
 from gpgfilter.openpgp.factory import engine_summary, uses_sequoia
 from gpgfilter.ops.commands import SetupError
-from gpgfilter.ops.postfix import Postconf, content_filter, lmtp_parameters
+from gpgfilter.ops.postfix import (
+    ROUTE_MAP,
+    Postconf,
+    content_filter,
+    lmtp_parameters,
+    probe_failed,
+    route_probe,
+    route_table,
+)
 from gpgfilter.process.config import Config, ConfigError, Endpoint, load
 from keystore.model import Binding
 from keystore.storage.open import open_store
@@ -87,6 +95,9 @@ def check_postfix(config: Config, postfix_dir: Path) -> Check:
     what = "postfix"
     try:
         postconf = Postconf(postfix_dir)
+        maps = postconf.explicit("transport_maps") or ""
+        if config.route == "enrolled" or ROUTE_MAP in maps:
+            return _check_route(config, postconf, maps)
         if config.mode == "lmtp":
             target = lmtp_parameters(config)["virtual_transport"]
             routes = {
@@ -110,6 +121,43 @@ def check_postfix(config: Config, postfix_dir: Path) -> Check:
 
 
 _SETUP_FIX = "gpgfilter setup (see --dry-run first)"
+
+
+def _check_route(config: Config, postconf: Postconf, maps: str) -> Check:
+    """Routing by enrolment: the table is named, the configuration agrees, and Postfix's own
+    user gets an answer from the store through it (else enrolled mail is deferred)."""
+    what = "postfix route"
+    table = route_table(postconf, config)
+    if table not in maps:
+        return _fail(
+            what,
+            f"route: enrolled, but transport_maps does not name {table}",
+            "gpgfilter setup --route enrolled (see --dry-run first)",
+        )
+    if config.route != "enrolled":
+        return _fail(
+            what,
+            "Postfix routes only enrolled recipients to the filter, but the configuration says"
+            " route: all",
+            "add route: enrolled to the configuration (or gpgfilter setup --undo)",
+        )
+    owner = postconf.effective("mail_owner") or "postfix"
+    done = subprocess.run(
+        route_probe(postconf, config, postconf.expanded("virtual_mailbox_domains"), owner),
+        capture_output=True,
+        text=True,
+        timeout=STORE_TIMEOUT,
+        check=False,
+    )
+    if probe_failed(done.returncode, done.stderr):
+        return _fail(
+            what,
+            f"Postfix ({owner}) cannot query the key store: {done.stderr.strip()[-200:]}",
+            "give Postfix's user read access to the store (docs/install.md); until then mail"
+            " for the mailbox domains is deferred",
+        )
+    others = postconf.effective("virtual_transport")
+    return _ok(what, f"enrolled recipients via {table}; the others via {others}")
 
 
 # -- network ---------------------------------------------------------------------------------

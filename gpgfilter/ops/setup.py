@@ -9,6 +9,8 @@ byte for byte, or (when an administrator edited them since) reverts our paramete
 
 from __future__ import annotations
 
+import contextlib
+import grp
 import hashlib
 import json
 import os
@@ -28,7 +30,16 @@ from gpgfilter.ops.dovecot import (
     dovecot_lmtp_listeners,
     serves,
 )
-from gpgfilter.ops.postfix import Postconf, content_filter_parameters, lmtp_parameters
+from gpgfilter.ops.postfix import (
+    ROUTE_MAP,
+    Postconf,
+    content_filter_parameters,
+    lmtp_parameters,
+    probe_failed,
+    route_map_text,
+    route_probe,
+    route_table,
+)
 from gpgfilter.process.config import Config, Endpoint
 
 
@@ -55,6 +66,11 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     # Dovecot may well not run while it is being set up: its reload may fail harmlessly.
     dovecot_reload: list[str] | None = None
+    # route: enrolled: the lookup table's file, its text and mode (written before main.cf
+    # names it), and the command that proves Postfix's own user can query the store with it.
+    route_file: tuple[Path, str, int] | None = None
+    route_probe: list[str] | None = None
+    route_owner: str = "postfix"
 
     @property
     def shown_commands(self) -> list[list[str]]:
@@ -86,27 +102,120 @@ def plan_setup(
         if postconf.service("lmtp/unix") is None:
             raise SetupError("master.cf has no lmtp/unix service: Postfix cannot deliver over LMTP")
         target = main.pop("virtual_transport")
-        routed = False
-        for name in ("virtual_transport", "mailbox_transport"):
-            current = postconf.effective(name)
-            if current == target:
-                routed = True
-            elif current.startswith("lmtp:"):
-                main[name] = target
-                routed = True
-                plan.notes.append(f"Postfix delivered over LMTP with {name} = {current}")
-        if not routed:
-            raise SetupError(
-                "Postfix does not deliver mailboxes over LMTP (virtual_transport ="
-                f" {postconf.effective('virtual_transport')}, mailbox_transport ="
-                f" {postconf.effective('mailbox_transport') or '(none)'}): deliver to Dovecot"
-                " over LMTP first, or use content-filter mode (mode: smtp)."
-            )
+        if config.route == "enrolled":
+            _plan_route(config, postconf, plan, main, target, run)
+        else:
+            _plan_route_all(config, postconf, plan, main, target)
         _plan_dovecot(config, plan, dovecot_config, run)
     else:
         if postconf.effective("virtual_transport") == _filter_target(config):
             raise SetupError("Postfix is wired in LMTP mode: run `gpgfilter setup --undo` first.")
         main, master = content_filter_parameters(config)
+    _plan_postconf(config, postconf, plan, main, master, run)
+    return plan
+
+
+def _plan_route_all(
+    config: Config, postconf: Postconf, plan: Plan, main: dict[str, str], target: str
+) -> None:
+    """Every mailbox delivery through the filter: it replaces the LMTP transports."""
+    if ROUTE_MAP in (postconf.explicit("transport_maps") or ""):
+        raise SetupError(
+            "Postfix routes only enrolled recipients through gpgfilter (transport_maps):"
+            " run `gpgfilter setup --undo` first to route every message."
+        )
+    routed = False
+    for name in ("virtual_transport", "mailbox_transport"):
+        current = postconf.effective(name)
+        if current == target:
+            routed = True
+        elif current.startswith("lmtp:"):
+            main[name] = target
+            routed = True
+            plan.notes.append(f"Postfix delivered over LMTP with {name} = {current}")
+    if not routed:
+        raise SetupError(
+            "Postfix does not deliver mailboxes over LMTP (virtual_transport ="
+            f" {postconf.effective('virtual_transport')}, mailbox_transport ="
+            f" {postconf.effective('mailbox_transport') or '(none)'}): deliver to Dovecot"
+            " over LMTP first, or use content-filter mode (mode: smtp)."
+        )
+
+
+def _plan_route(
+    config: Config,
+    postconf: Postconf,
+    plan: Plan,
+    main: dict[str, str],
+    target: str,
+    run: Runner,
+) -> None:
+    """Only enrolled recipients through the filter: a ``transport_maps`` table that reads the
+    key store answers the filter's transport for them; the rest keep ``virtual_transport``
+    (Dovecot). Addresses of local(8) domains cannot be routed so: local(8) expands aliases and
+    .forward files after the table was asked, so their mail keeps passing the filter whole."""
+    current = postconf.effective("virtual_transport")
+    if current == target:
+        raise SetupError(
+            f"Postfix routes every message through gpgfilter (virtual_transport = {target}):"
+            " run `gpgfilter setup --undo` first, then `gpgfilter setup --route enrolled`."
+        )
+    if not current.startswith("lmtp:"):
+        raise SetupError(
+            f"Postfix does not deliver virtual mailboxes over LMTP (virtual_transport ="
+            f" {current}): --route enrolled sends unenrolled mail there directly, so deliver to"
+            " Dovecot over LMTP first."
+        )
+    domains = postconf.expanded("virtual_mailbox_domains")
+    if not domains:
+        raise SetupError(
+            "virtual_mailbox_domains is empty: --route enrolled routes addresses of virtual"
+            " mailbox domains; mail of local(8) domains (mydestination) goes through alias and"
+            " .forward expansion after routing, so it can only be filtered whole (route: all)."
+        )
+    plan.notes.append(f"addresses without a key go to {current} directly (virtual_transport)")
+    mailbox = postconf.effective("mailbox_transport")
+    if mailbox.startswith("lmtp:") and mailbox != target:
+        main["mailbox_transport"] = target
+        plan.notes.append(
+            "mailbox_transport delivers local(8) mailboxes over LMTP: all their mail passes"
+            " the filter (aliases and .forward are expanded after routing)"
+        )
+    table = route_table(postconf, config)
+    maps = postconf.explicit("transport_maps") or ""
+    if table not in maps:
+        main["transport_maps"] = f"{table}, {maps}" if maps.strip() else table
+    path = postconf.config_dir / ROUTE_MAP
+    text, mode = route_map_text(config, domains)
+    try:
+        old: str | None = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        old = None
+    if old != text:
+        where = (
+            "PostgreSQL (keystore.dsn)"
+            if config.keystore.backend == "postgresql"
+            else str(config.keystore_path)
+        )
+        shown_old = None if old is None else "(another version)"
+        plan.changes.append(
+            Change(str(path), "transport table", shown_old, f"lookups in {where} for {domains}")
+        )
+        plan.route_file = (path, text, mode)
+    owner = postconf.effective("mail_owner") or "postfix"
+    plan.route_owner = owner
+    probe = route_probe(postconf, config, domains, owner)
+    plan.route_probe = probe
+
+
+def _plan_postconf(
+    config: Config,
+    postconf: Postconf,
+    plan: Plan,
+    main: dict[str, str],
+    master: dict[str, str],
+    run: Runner,
+) -> None:
     for name, entry in master.items():
         service = postconf.service(name)
         if service is None or service.split() != entry.split():
@@ -128,7 +237,6 @@ def plan_setup(
         )
     if plan.changes and _postfix_running(postconf, run):
         plan.commands.append(["postfix", "-c", str(postconf.config_dir), "reload"])
-    return plan
 
 
 def _plan_dovecot(config: Config, plan: Plan, dovecot_config: Path | None, run: Runner) -> None:
@@ -222,7 +330,13 @@ def apply_plan(
     before = previous.files_before if previous else _read_files(postconf)
     created = list(previous.created) if previous else []
     warnings: list[str] = []
+    if plan.route_file is not None:
+        _write_route_table(plan, config, run)
+        if str(plan.route_file[0]) not in created:
+            created.append(str(plan.route_file[0]))
     for change in plan.changes:
+        if plan.route_file is not None and change.where == str(plan.route_file[0]):
+            continue
         if change.where not in ("main.cf", "master.cf") and change.new is not None:
             drop_in = Path(change.where)
             drop_in.parent.mkdir(parents=True, exist_ok=True)
@@ -263,6 +377,41 @@ def apply_plan(
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     path.write_text(json.dumps(asdict(record), indent=2), encoding="utf-8")
     return path, warnings
+
+
+def _write_route_table(plan: Plan, config: Config, run: Runner) -> None:
+    """Write the table, then ask it as Postfix's own user would: a table Postfix cannot read
+    would defer every enrolled recipient's mail, so it is refused before main.cf names it."""
+    assert plan.route_file is not None
+    path, text, mode = plan.route_file
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.chmod(tmp, mode)
+        if mode & 0o040 and os.geteuid() == 0:
+            owner = plan.route_owner
+            with contextlib.suppress(KeyError):
+                os.chown(tmp, 0, grp.getgrnam(owner).gr_gid)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if plan.route_probe is None:
+        return
+    done = run(plan.route_probe)
+    if probe_failed(done.returncode, done.stderr):
+        path.unlink(missing_ok=True)
+        where = (
+            "the PostgreSQL store"
+            if config.keystore.backend == "postgresql"
+            else f"{config.keystore_path} (and its directory, -wal and -shm files)"
+        )
+        raise SetupError(
+            f"Postfix's user cannot query {where} through {path}:"
+            f" {done.stderr.strip()[-300:]}; give it read access (e.g. group postfix with"
+            " g+rx on the directory and g+r on the files), then run setup again"
+        )
 
 
 def _load_record(path: Path) -> Record | None:

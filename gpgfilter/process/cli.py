@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import shlex
+import subprocess
 import sys
+import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,9 +23,10 @@ from gpgfilter.process.config import Config, ConfigError, load
 from gpgfilter.process.service import run
 from keystore.logsafe import setup_logging
 from keystore.model import HEADER_PROTECTION_MODES
+from keystore.registration import MailError, Notice, Outcome, Policy, Refused, Registry
 from keystore.storage.open import open_store
-from keystore.store import KeyStore, KeyWasRevoked, StoreError, stored_state
-from keystore.validate import KeyRejected, KeyRevoked, merge_key, validate_key
+from keystore.store import KeyStore, StoreError
+from keystore.validate import MAX_KEY_BYTES
 
 
 def _load(ctx: click.Context, overrides: dict[str, Any] | None = None) -> Config:
@@ -128,76 +132,173 @@ def _store(config: Config, *, create: bool) -> KeyStore:
         raise click.ClickException(str(error)) from None
 
 
+class _NoNotices:
+    """The CLI audits its changes but mails no notices: an administrator moving 2,000 users in
+    tells them once, in their own words, rather than 2,000 automatic mails."""
+
+    async def send_challenge(self, *_args: object, **_kwargs: object) -> None:
+        raise MailError("the command line sends no challenges")
+
+    async def send_notice(self, notice: Notice) -> None:
+        return None
+
+
+def _split_keys(chunks: list[bytes], gnupg_home: Path | None, gpg: str) -> list[tuple[str, bytes]]:
+    """Each public key of the inputs (and of a GnuPG home) as its own export, by fingerprint:
+    gpg reads whatever another filter left (binary, armored, several blocks, pubring.gpg)."""
+    base = [gpg, "--batch", "--no-tty", "--no-auto-check-trustdb", "--lock-never"]
+    data = b"".join(chunks)
+    if gnupg_home is not None:
+        done = subprocess.run(
+            [*base, "--homedir", str(gnupg_home), "--export"],
+            capture_output=True,
+            timeout=600,
+            check=False,
+        )
+        if done.returncode != 0 and not done.stdout:
+            raise click.ClickException(f"gpg could not export the keys of {gnupg_home}")
+        data += done.stdout
+    with tempfile.TemporaryDirectory(prefix="gpgfilter-import-") as tmp:
+        home = [*base, "--homedir", tmp]
+        subprocess.run(
+            [*home, "--import"], input=data, capture_output=True, timeout=600, check=False
+        )
+        secret = subprocess.run(
+            [*home, "--with-colons", "--list-secret-keys"],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        ).stdout
+        if secret.strip():
+            raise click.ClickException(
+                "the input holds a secret key: export the public keys only (nothing imported)"
+            )
+        listing = subprocess.run(
+            [*home, "--with-colons", "--list-keys"], capture_output=True, timeout=600, check=False
+        ).stdout.decode("utf-8", "replace")
+        fingerprints: list[str] = []
+        primary = False
+        for line in listing.splitlines():
+            fields = line.split(":")
+            if fields[0] in ("pub", "sub"):
+                primary = fields[0] == "pub"
+            elif fields[0] == "fpr" and primary and len(fields) > 9:
+                fingerprints.append(fields[9])
+                primary = False
+        keys = []
+        for fingerprint in fingerprints:
+            exported = subprocess.run(
+                [*home, "--export", fingerprint], capture_output=True, timeout=60, check=False
+            ).stdout
+            keys.append((fingerprint, exported))
+    return keys
+
+
 @keys.command("import")
 @config_option
-@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--address", help="Bind the key to this address, whatever its user IDs say.")
-@click.option("--add", is_flag=True, help="Add to the address's keys instead of replacing them.")
+@click.argument("files", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--address", help="Bind each key to this address, whatever its user IDs say.")
+@click.option(
+    "--gnupg-home",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Also import every public key of this GnuPG home (read only).",
+)
+@click.option("--dry-run", is_flag=True, help="Report what would change; change nothing.")
 @click.pass_context
 def import_keys(
-    ctx: click.Context, files: tuple[Path, ...], address: str | None, add: bool
+    ctx: click.Context,
+    files: tuple[Path, ...],
+    address: str | None,
+    gnupg_home: Path | None,
+    dry_run: bool,
 ) -> None:
-    """Validate public keys and register them for their addresses."""
+    """Validate public keys and register them for their addresses in the served domains.
+
+    FILES (- for standard input) may hold many keys. One line per key and a summary. Exit
+    status: 0 every key registered, renewed, unchanged or revoked; 1 some key refused (the
+    others were imported) or nothing could be done (unreadable input, store unavailable).
+    """
+    import asyncio  # noqa: PLC0415
+
     config = _load(ctx)
     setup_logging("warning")
-    store = _store(config, create=True)
-    failed = 0
+    if not files and gnupg_home is None:
+        raise click.UsageError("name key files (- for standard input) or --gnupg-home")
+    if gnupg_home is not None and not gnupg_home.is_dir():
+        raise click.ClickException(f"{gnupg_home}: no such GnuPG home")
+    chunks = []
     for path in files:
         try:
-            data = sys.stdin.buffer.read() if str(path) == "-" else path.read_bytes()
-            validated = validate_key(data, address=address, gpg_binary=config.gpg.binary)
+            chunks.append(sys.stdin.buffer.read() if str(path) == "-" else path.read_bytes())
         except OSError as error:
-            click.echo(f"{path}: cannot read: {error.strerror}", err=True)
-            failed += 1
-            continue
-        except KeyRevoked as revoked:
+            raise click.ClickException(f"{path}: cannot read: {error.strerror}") from None
+    found = _split_keys(chunks, gnupg_home, config.gpg.binary)
+    if not found:
+        raise click.ClickException("no OpenPGP public key found in the input")
+    domains: tuple[str, ...] = config.served_domains
+    if not domains:
+        click.echo("note: no domains: configured: keys are bound to all their user IDs", err=True)
+        domains = tuple(
+            sorted({u.rpartition("@")[2].rstrip(">").lower() for _, d in found for u in _uids(d)})
+        )
+    scratch = tempfile.TemporaryDirectory(prefix="gpgfilter-dry-")
+    if dry_run and config.keystore.backend == "sqlite" and not config.keystore_path.exists():
+        # Nothing registered yet: a dry run reports against an empty store, and makes none.
+        store = open_store(config.keystore, Path(scratch.name) / "keys.sqlite", create=True)
+    else:
+        store = _store(config, create=not dry_run)
+    registry = Registry(
+        store,
+        _NoNotices(),
+        Policy(gpg_binary=config.gpg.binary, min_valid_days=0, max_key_bytes=MAX_KEY_BYTES),
+        domains=domains,
+        delimiters=config.recipient_delimiter,
+    )
+    counts: dict[str, int] = {}
+
+    async def one(data: bytes) -> list[Outcome]:
+        if address:
+            return [await registry.admin_bind(address, data, actor="cli")]
+        return await registry.admin_import(data, actor="cli", dry_run=dry_run)
+
+    try:
+        for fingerprint, data in found:
             try:
-                holders = store.revoke(revoked.fingerprint)
-            except StoreError as error:
-                raise click.ClickException(str(error)) from None
-            if holders:
-                click.echo(
-                    f"{path}: {revoked.fingerprint} is revoked: mail for its {holders} address(es)"
-                    " is held (policy.unusable_key) until a new key is registered"
-                )
-                continue
-            click.echo(f"{path}: refused: {revoked}", err=True)
-            failed += 1
-            continue
-        except KeyRejected as error:
-            click.echo(f"{path}: refused: {error}", err=True)
-            failed += 1
-            continue
-        try:
-            key = validated.key
-            stored = store.key(key.fingerprint)
-            if stored is not None:
-                # An update of a registered key is merged: a stored key only moves forward.
-                if stored.revoked:
-                    click.echo(f"{path}: {key.fingerprint} is revoked: unchanged, mail stays held")
+                outcomes = asyncio.run(one(data))
+            except Refused as refused:
+                stored = store.key(fingerprint) if refused.code == "key-revoked" else None
+                if stored is not None and stored.revoked:
+                    counts["unchanged"] = counts.get("unchanged", 0) + 1
+                    click.echo(f"{fingerprint} is revoked: unchanged, mail stays held")
                     continue
-                key = merge_key(stored, data, address=address, gpg_binary=config.gpg.binary).key
-            for address_bound in validated.addresses:
-                store.bind(address_bound, key, replace=not add, expected=stored_state(stored))
-                stored = key
-        except KeyWasRevoked:
-            click.echo(
-                f"{path}: refused: {key.fingerprint} was revoked, and a revocation is forever:"
-                " import a new key",
-                err=True,
-            )
-            failed += 1
-            continue
-        except KeyRejected as error:
-            click.echo(f"{path}: refused: {error}", err=True)
-            failed += 1
-            continue
-        except StoreError as error:
-            raise click.ClickException(str(error)) from None
-        click.echo(f"{path}: {key.fingerprint} registered for {', '.join(validated.addresses)}")
-    store.close()
-    if failed:
+                counts["refused"] = counts.get("refused", 0) + 1
+                click.echo(f"{fingerprint} refused: {refused}")
+                continue
+            for outcome in outcomes:
+                counts[outcome.action] = counts.get(outcome.action, 0) + 1
+                if outcome.action == "revoked":
+                    click.echo(
+                        f"{fingerprint} is revoked: mail for {outcome.address} is held"
+                        " (policy.unusable_key) until a new key is registered"
+                    )
+                else:
+                    click.echo(f"{fingerprint} {outcome.action} for {outcome.address}")
+    except StoreError as error:
+        raise click.ClickException(str(error)) from None
+    finally:
+        store.close()
+        scratch.cleanup()
+    summary = ", ".join(f"{n} {action}" for action, n in sorted(counts.items()))
+    click.echo(
+        f"{len(found)} key(s): {summary}" + (" (dry run: nothing changed)" if dry_run else "")
+    )
+    if counts.get("refused"):
         sys.exit(1)
+
+
+def _uids(data: bytes) -> list[str]:
+    """Addresses named in a key's user IDs, for the domains of a registry without domains:."""
+    return [m.decode("utf-8", "replace") for m in re.findall(rb"[\w.+-]+@[\w.-]+", data)]
 
 
 @keys.command("list")
@@ -306,16 +407,28 @@ _dovecot_option = click.option(
 @_dovecot_option
 @click.option("--dry-run", is_flag=True, help="Print every change and command; change nothing.")
 @click.option("--undo", is_flag=True, help="Restore what an earlier setup changed.")
+@click.option(
+    "--route",
+    type=click.Choice(["all", "enrolled"]),
+    default=None,
+    help="Route every message, or only those for addresses with a key, through the filter"
+    " [default: route: in the configuration, else all].",
+)
 @click.pass_context
 def setup(
-    ctx: click.Context, postfix_dir: Path, dovecot_config: Path, dry_run: bool, undo: bool
+    ctx: click.Context,
+    postfix_dir: Path,
+    dovecot_config: Path,
+    dry_run: bool,
+    undo: bool,
+    route: str | None,
 ) -> None:
     """Wire gpgfilter into Postfix (and Dovecot's LMTP listener where needed).
 
     The mode (LMTP transport or content_filter) and the ports come from gpgfilter's
     configuration. Safe to run again: a second run changes nothing.
     """
-    config = _load(ctx)
+    config = _load(ctx, {"route": route})
     try:
         postconf = Postconf(postfix_dir)
         if undo:
@@ -344,6 +457,11 @@ def setup(
         )
     except SetupError as error:
         raise click.ClickException(str(error)) from None
+    if route == "enrolled" and _load(ctx).route != "enrolled":
+        warnings.append(
+            "add `route: enrolled` to the configuration file, so that the filter and doctor"
+            " know (the filter then refuses policy.no_key: defer at start)"
+        )
     for warning in warnings:
         click.echo(f"warning: {warning}", err=True)
     click.echo(f"done ({plan.mode} mode); `gpgfilter setup --undo` reverts it (record: {record})")

@@ -280,6 +280,9 @@ class MailboxConfig:
 @dataclass(frozen=True, slots=True)
 class Config:
     mode: Literal["lmtp", "smtp"] = "lmtp"
+    # "enrolled": Postfix routes only addresses with a registered key through the filter, by
+    # a lookup table that reads the key store (gpgfilter setup wires it); "all": every message.
+    route: Literal["all", "enrolled"] = "all"
     listen: Endpoint = field(default_factory=lambda: Endpoint("127.0.0.1", 10025))
     # Default: Dovecot's LMTP (127.0.0.1:24) in lmtp mode, Postfix's reinjection
     # smtpd (127.0.0.1:10026) in smtp mode.
@@ -322,6 +325,7 @@ class Config:
         if "@" in self.recipient_delimiter:
             raise ConfigError("recipient_delimiter: must not contain @")
         _check_domains(self.domains, "domains")
+        _check_route(self)
         outside = [d for d in self.publication.domains if self.domains and d not in self.domains]
         if outside:
             raise ConfigError(
@@ -491,6 +495,23 @@ class _Checked(typing.Protocol):
     ``prefix`` is where the section sits (``keyserver.``), so messages name the full key."""
 
     def check(self, prefix: str) -> None: ...
+
+
+def _check_route(config: Config) -> None:
+    """Routing by enrolment sends mail for unenrolled addresses past the filter, so two
+    settings that need to see that mail cannot hold with it; say so before anything runs."""
+    if config.route != "enrolled":
+        return
+    if config.policy.no_key == "defer":
+        raise ConfigError(
+            "route: enrolled sends mail for addresses without a key past the filter, so"
+            " policy.no_key: defer would never see it: use one or the other"
+        )
+    if config.mode != "lmtp":
+        raise ConfigError(
+            "route: enrolled needs mode: lmtp (a content_filter applies to every message;"
+            " the per-recipient route is a transport, which only the LMTP wiring uses)"
+        )
 
 
 def _check_domains(domains: tuple[str, ...], key: str) -> None:

@@ -48,6 +48,7 @@ from keystore.validate import (
 log = logging.getLogger(__name__)
 
 _ADDRESS = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+$")
+_FINGERPRINT = re.compile(r"^[0-9A-Fa-f]{40}$")
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{43}$")  # secrets.token_urlsafe(32)
 TOKEN_BYTES = 32
 ORIGIN_UPLOAD = "web"
@@ -559,6 +560,36 @@ class Registry:
         for key in active:
             await self._changed("withdrawn", address, key, "admin-api")
         return Outcome("withdrawn", address, active[-1].fingerprint, active[-1].expires)
+
+    async def admin_remove(
+        self, target: str, *, actor: str, revoked_too: bool = False
+    ) -> list[Outcome]:
+        """Unbind an address's keys, or a key (by fingerprint) from every address, audited.
+
+        A revoked key keeps mail for its addresses held: it goes only when ``revoked_too``
+        says the administrator means it (its revocation is still remembered: the key can
+        never be bound again)."""
+        wanted = target.replace(" ", "")
+        by_fingerprint = bool(_FINGERPRINT.match(wanted))
+        wanted = wanted.upper() if by_fingerprint else normalise_address(wanted)
+        bindings = [
+            b
+            for b in await asyncio.to_thread(self.store.bindings)
+            if (b.key.fingerprint == wanted if by_fingerprint else b.address == wanted)
+        ]
+        if not bindings:
+            raise Refused("nothing-registered", f"nothing is registered for {wanted}")
+        if not revoked_too and any(b.key.revoked for b in bindings):
+            raise _revoked_stays()
+        async with self._updating:
+            await asyncio.to_thread(self.store.remove, wanted)
+        outcomes = []
+        for binding in bindings:
+            await self._changed("withdrawn", binding.address, binding.key, actor)
+            outcomes.append(
+                Outcome("withdrawn", binding.address, binding.key.fingerprint, binding.key.expires)
+            )
+        return outcomes
 
     async def audit_log(self, address: str | None, limit: int) -> list[AuditEntry]:
         if address is not None:

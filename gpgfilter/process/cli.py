@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import shlex
 import subprocess
@@ -143,6 +144,18 @@ class _NoNotices:
         return None
 
 
+def _registry(config: Config, store: KeyStore, domains: tuple[str, ...]) -> Registry:
+    """The registration rules as the command line applies them: the admin's path (no
+    challenge), audited with the actor "cli", no notice mails."""
+    return Registry(
+        store,
+        _NoNotices(),
+        Policy(gpg_binary=config.gpg.binary, min_valid_days=0, max_key_bytes=MAX_KEY_BYTES),
+        domains=domains,
+        delimiters=config.recipient_delimiter,
+    )
+
+
 def _split_keys(chunks: list[bytes], gnupg_home: Path | None, gpg: str) -> list[tuple[str, bytes]]:
     """Each public key of the inputs (and of a GnuPG home) as its own export, by fingerprint:
     gpg reads whatever another filter left (binary, armored, several blocks, pubring.gpg)."""
@@ -218,7 +231,6 @@ def import_keys(
     status: 0 every key registered, renewed, unchanged or revoked; 1 some key refused (the
     others were imported) or nothing could be done (unreadable input, store unavailable).
     """
-    import asyncio  # noqa: PLC0415
 
     config = _load(ctx)
     setup_logging("warning")
@@ -247,13 +259,7 @@ def import_keys(
         store = open_store(config.keystore, Path(scratch.name) / "keys.sqlite", create=True)
     else:
         store = _store(config, create=not dry_run)
-    registry = Registry(
-        store,
-        _NoNotices(),
-        Policy(gpg_binary=config.gpg.binary, min_valid_days=0, max_key_bytes=MAX_KEY_BYTES),
-        domains=domains,
-        delimiters=config.recipient_delimiter,
-    )
+    registry = _registry(config, store, domains)
     counts: dict[str, int] = {}
 
     async def one(data: bytes) -> list[Outcome]:
@@ -338,27 +344,18 @@ def remove_key(ctx: click.Context, target: str, revoked_too: bool) -> None:
     """Remove an address's keys, or a key (by fingerprint) from every address."""
     config = _load(ctx)
     store = _store(config, create=False)
-    wanted = target.replace(" ", "")
+    registry = _registry(config, store, config.served_domains)
     try:
-        revoked = [
-            b
-            for b in store.bindings()
-            if b.key.revoked
-            and (b.address == wanted.lower() or b.key.fingerprint == wanted.upper())
-        ]
-        if revoked and not revoked_too:
-            raise click.ClickException(
-                f"{revoked[0].key.fingerprint} is revoked and keeps mail for"
-                f" {revoked[0].address} held; register a new key instead, or remove it"
-                " with --revoked-too"
-            )
-        removed = store.remove(wanted)
+        outcomes = asyncio.run(registry.admin_remove(target, actor="cli", revoked_too=revoked_too))
+    except Refused as refused:
+        if refused.code == "revoked-key-stays":
+            raise click.ClickException(f"{refused}; or remove it with --revoked-too") from None
+        raise click.ClickException(str(refused)) from None
     except StoreError as error:
         raise click.ClickException(str(error)) from None
-    store.close()
-    if not removed:
-        raise click.ClickException(f"nothing registered for {target}")
-    click.echo(f"removed {removed} binding(s)")
+    finally:
+        store.close()
+    click.echo(f"removed {len(outcomes)} binding(s)")
 
 
 @keys.command("protect")
@@ -495,7 +492,6 @@ def doctor(ctx: click.Context, postfix_dir: Path | None, no_postfix: bool, days:
 @click.pass_context
 def notify_expiry(ctx: click.Context) -> None:
     """Mail owners whose key expires soon or has expired (each notice once; for cron)."""
-    import asyncio  # noqa: PLC0415
 
     from gpgfilter.process import keyserver as service  # noqa: PLC0415
 

@@ -139,6 +139,13 @@ def test_admin_commands(tmp_path: Path, alice: TestKey, keystore_yaml: str) -> N
     assert result.exit_code == 0 and "removed 1" in result.output
     result = runner.invoke(main, ["-c", str(config), "keys", "remove", "alice@example.test"])
     assert result.exit_code != 0
+    # Both changes went through the registration rules, audited as the command line's.
+    store = open_store(load(config).keystore, tmp_path / "data" / "keys.sqlite", create=False)
+    try:
+        audit = store.audit_log("alice@example.test")
+    finally:
+        store.close()
+    assert [(e.action, e.actor) for e in audit] == [("withdrawn", "cli"), ("registered", "cli")]
 
 
 def test_importing_a_revocation_holds_mail_instead_of_refusing(

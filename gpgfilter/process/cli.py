@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from gpgfilter.mailbox.queue import EnrolmentQueue
 from gpgfilter.openpgp.engine import EngineError
 from gpgfilter.ops import setup as setup_module
 from gpgfilter.ops.commands import SetupError
@@ -153,6 +154,9 @@ def _registry(config: Config, store: KeyStore, domains: tuple[str, ...]) -> Regi
         Policy(gpg_binary=config.gpg.binary, min_valid_days=0, max_key_bytes=MAX_KEY_BYTES),
         domains=domains,
         delimiters=config.recipient_delimiter,
+        enrolment=(
+            EnrolmentQueue.under(config.data_dir) if config.mailbox.encrypt_on_enrolment else None
+        ),
     )
 
 

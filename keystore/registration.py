@@ -525,16 +525,10 @@ class Registry:
                 continue
         if not served:
             raise Refused("foreign-domain", f"no user ID of the key is in {_listed(self.domains)}")
-        outcomes = [
+        return [
             await self._admin_store(address, data, validated, None, actor, dry_run=dry_run)
             for address in served
         ]
-        if not dry_run:
-            for outcome in outcomes:
-                # A key newly bound: the address enrols now (a renewal is no enrolment).
-                if outcome.action in ("registered", "replaced"):
-                    self._enrolled(outcome.address)
-        return outcomes
 
     async def _import_revocation(
         self, fingerprint: str, data: bytes, actor: str, dry_run: bool
@@ -588,6 +582,10 @@ class Registry:
         action, key = await self._retrying(attempt)
         if action != "unchanged" and not dry_run:
             await self._changed(action, address, key, actor)
+            # The provider vouched for the owner: a new key enrols the address (a renewal
+            # does not), with the admin's choice of encrypting what is stored.
+            if action in ("registered", "replaced"):
+                self._enrolled(address)
         return Outcome(action, address, key.fingerprint, key.expires)
 
     async def admin_withdraw(self, address: str) -> Outcome:

@@ -415,15 +415,15 @@ def _setup_sweep_timer(ctx: click.Context, directory: Path, *, dry_run: bool, un
             click.echo(f"nothing to undo: no sweep timer of gpgfilter in {directory}")
             return
     else:
-        # The program running now (a virtualenv's too), else the one on PATH.
-        running = Path(sys.argv[0])
+        # The program running now, else the one installed beside this Python (a
+        # virtualenv's), else the one on PATH.
+        candidates = [Path(sys.argv[0]), Path(sys.executable).parent / "gpgfilter"]
         found = shutil.which("gpgfilter")
-        if running.name == "gpgfilter" and running.is_file():
-            program = str(running.absolute())
-        elif found is not None:
-            program = str(Path(found).absolute())
-        else:
+        candidates += [Path(found)] if found else []
+        usable = [c for c in candidates if c.name == "gpgfilter" and c.is_file()]
+        if not usable:
             raise click.ClickException("cannot tell where the gpgfilter program is installed")
+        program = str(usable[0].absolute())
         config = str(config_path.absolute()) if config_path else None
         plan = sweeptimer.plan_install(program, config, directory, systemctl=systemctl)
     for name in plan.files:

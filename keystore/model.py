@@ -69,6 +69,8 @@ class PendingChange:
     origin: str  # "web" (signup page / API), "wks" (Web Key Service mail), "withdraw", "protect"
     # The owner's header protection choice, applied when the change is confirmed.
     header_protection: HeaderProtection | None = None
+    # The owner asked for the mail already in the mailbox to be encrypted once bound.
+    encrypt_existing: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -93,6 +93,16 @@ class Mailer(Protocol):
     async def send_notice(self, notice: Notice) -> None: ...
 
 
+class EnrolmentHook(Protocol):
+    """Told, after a key is bound, that the address's mail already stored should be encrypted.
+
+    It must only note the request and return quickly: the work needs rights (Dovecot's) that
+    the key service does not have, so another process does it.
+    """
+
+    def request(self, address: str) -> None: ...
+
+
 class MailError(Exception):
     """The relay did not take a mail."""
 
@@ -171,6 +181,7 @@ class Registry:
         *,
         domains: Iterable[str],
         delimiters: str = "+",
+        enrolment: EnrolmentHook | None = None,
     ) -> None:
         self.store = store
         self.mailer = mailer
@@ -179,6 +190,8 @@ class Registry:
         self.clock = clock
         self.domains = frozenset(d.lower() for d in domains)
         self.delimiters = delimiters
+        # None: encrypting existing mail at enrolment is not offered (the default).
+        self.enrolment = enrolment
         # Merge and store one update at a time: two merges from the same stored copy would
         # otherwise each drop what the other added.
         self._updating = asyncio.Lock()
@@ -189,7 +202,12 @@ class Registry:
 
     # -- self-service ------------------------------------------------------------------------
     async def upload(
-        self, address: str, data: bytes, header_protection: HeaderProtection | None = None
+        self,
+        address: str,
+        data: bytes,
+        header_protection: HeaderProtection | None = None,
+        *,
+        encrypt_existing: bool = False,
     ) -> Outcome:
         """A key (new, replacement or update) or a revocation uploaded for ``address``.
 
@@ -197,9 +215,14 @@ class Registry:
         limit: a stranger's refused uploads never lock the owner out of updating or revoking.
         ``header_protection`` is the owner's choice for a new key, applied with its confirmation;
         an update needs no proof and so changes no choice (``request_header_protection`` does).
+        ``encrypt_existing`` likewise travels with the new key and takes effect on confirmation.
         """
         address = self._address(address)
         self._check_size(data)
+        if encrypt_existing and self.enrolment is None:
+            raise Refused(
+                "not-offered", "this server does not offer to encrypt the mail already stored"
+            )
         if await asyncio.to_thread(looks_like_revocation, data):
             return await self._revoke(address, data, actor="self-service")
         try:
@@ -230,6 +253,7 @@ class Registry:
             now + self.policy.token_ttl,
             ORIGIN_UPLOAD,
             header_protection=header_protection,
+            encrypt_existing=encrypt_existing,
         )
         await self._challenge(pending, token, "confirm")
         log.info("key %s for %s waits for confirmation", key.fingerprint, address)
@@ -348,7 +372,19 @@ class Registry:
                 self.store.set_header_protection, address, pending.header_protection
             )
         await self._changed(action, address, key, actor)
+        if pending.encrypt_existing:
+            self._enrolled(address)
         return Outcome(action, address, key.fingerprint, key.expires)
+
+    def _enrolled(self, address: str) -> None:
+        """Pass the request on; the key is bound whatever happens to it (it can be made again
+        with ``gpgfilter mailbox encrypt ADDRESS``), so a failure is logged, not raised."""
+        if self.enrolment is None:
+            return
+        try:
+            self.enrolment.request(address)
+        except OSError as error:
+            log.error("encrypting the stored mail of %s not queued: %s", address, error)
 
     async def status(self, address: str) -> Status:
         """What a public WKD lookup would tell, plus whether an upload waits for confirmation."""
@@ -546,6 +582,10 @@ class Registry:
         action, key = await self._retrying(attempt)
         if action != "unchanged" and not dry_run:
             await self._changed(action, address, key, actor)
+            # The provider vouched for the owner: a new key enrols the address (a renewal
+            # does not), with the admin's choice of encrypting what is stored.
+            if action in ("registered", "replaced"):
+                self._enrolled(address)
         return Outcome(action, address, key.fingerprint, key.expires)
 
     async def admin_withdraw(self, address: str) -> Outcome:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -14,9 +15,11 @@ from typing import Any
 
 import click
 
+from gpgfilter.mailbox.queue import EnrolmentQueue
 from gpgfilter.openpgp.engine import EngineError
 from gpgfilter.ops import setup as setup_module
-from gpgfilter.ops.commands import SetupError
+from gpgfilter.ops import sweeptimer
+from gpgfilter.ops.commands import SetupError, run_command
 from gpgfilter.ops.doctor import run_checks
 from gpgfilter.ops.dovecot import DEFAULT_DOVECOT_CONFIG
 from gpgfilter.ops.postfix import DEFAULT_POSTFIX_DIR, Postconf
@@ -153,6 +156,9 @@ def _registry(config: Config, store: KeyStore, domains: tuple[str, ...]) -> Regi
         Policy(gpg_binary=config.gpg.binary, min_valid_days=0, max_key_bytes=MAX_KEY_BYTES),
         domains=domains,
         delimiters=config.recipient_delimiter,
+        enrolment=(
+            EnrolmentQueue.under(config.data_dir) if config.mailbox.encrypt_on_enrolment else None
+        ),
     )
 
 
@@ -398,6 +404,44 @@ _dovecot_option = click.option(
 )
 
 
+def _setup_sweep_timer(ctx: click.Context, directory: Path, *, dry_run: bool, undo: bool) -> None:
+    """Write (or, with undo, remove) the sweep's units, and have systemd start the timer."""
+    _load(ctx)  # a broken configuration would make every sweep fail: say so now
+    config_path: Path | None = ctx.obj.get("config_path")
+    systemctl = shutil.which("systemctl") if directory == sweeptimer.SYSTEMD_DIR else None
+    if undo:
+        plan = sweeptimer.plan_undo(directory, systemctl=systemctl)
+        if not plan.files:
+            click.echo(f"nothing to undo: no sweep timer of gpgfilter in {directory}")
+            return
+    else:
+        # The program running now, else the one installed beside this Python (a
+        # virtualenv's), else the one on PATH.
+        candidates = [Path(sys.argv[0]), Path(sys.executable).parent / "gpgfilter"]
+        found = shutil.which("gpgfilter")
+        candidates += [Path(found)] if found else []
+        usable = [c for c in candidates if c.name == "gpgfilter" and c.is_file()]
+        if not usable:
+            raise click.ClickException("cannot tell where the gpgfilter program is installed")
+        program = str(usable[0].absolute())
+        config = str(config_path.absolute()) if config_path else None
+        plan = sweeptimer.plan_install(program, config, directory, systemctl=systemctl)
+    for name in plan.files:
+        click.echo(f"{'remove' if undo else 'write'} {directory / name}")
+        if not undo and dry_run:
+            click.echo(plan.files[name])
+    for command in plan.commands:
+        click.echo(f"run {shlex.join(command)}")
+    if dry_run:
+        click.echo("dry run: nothing was changed")
+        return
+    try:
+        (sweeptimer.remove if undo else sweeptimer.install)(plan, run_command)
+    except (SetupError, OSError) as error:
+        raise click.ClickException(str(error)) from None
+    click.echo("done" + ("" if undo else "; `gpgfilter setup --sweep-timer --undo` removes it"))
+
+
 @main.command()
 @config_option
 @_postfix_dir_option
@@ -411,6 +455,18 @@ _dovecot_option = click.option(
     help="Route every message, or only those for addresses with a key, through the filter"
     " [default: route: in the configuration, else all].",
 )
+@click.option(
+    "--sweep-timer",
+    is_flag=True,
+    help="Instead: install and start the mailbox sweep's systemd timer (docs/mailbox.md).",
+)
+@click.option(
+    "--systemd-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=sweeptimer.SYSTEMD_DIR,
+    show_default=True,
+    help="Where --sweep-timer writes its units; systemctl is run only for the default.",
+)
 @click.pass_context
 def setup(
     ctx: click.Context,
@@ -419,12 +475,17 @@ def setup(
     dry_run: bool,
     undo: bool,
     route: str | None,
+    sweep_timer: bool,
+    systemd_dir: Path,
 ) -> None:
     """Wire gpgfilter into Postfix (and Dovecot's LMTP listener where needed).
 
     The mode (LMTP transport or content_filter) and the ports come from gpgfilter's
     configuration. Safe to run again: a second run changes nothing.
     """
+    if sweep_timer:
+        _setup_sweep_timer(ctx, systemd_dir, dry_run=dry_run, undo=undo)
+        return
     config = _load(ctx, {"route": route})
     try:
         postconf = Postconf(postfix_dir)

@@ -271,6 +271,9 @@ class MailboxConfig:
     skip_folders: tuple[str, ...] = ("\\Drafts", "Drafts")
     # Messages replaced per second at most; 0: as fast as gpg goes.
     throttle: float = 0.0
+    # Offer, on the signup page, to encrypt the mail already stored once a key is confirmed
+    # (and do it for `gpgfilter keys import`): queued, done by `mailbox encrypt --queued`.
+    encrypt_on_enrolment: bool = False
 
     def check(self, prefix: str) -> None:
         if self.throttle < 0:

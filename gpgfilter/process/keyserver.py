@@ -15,6 +15,7 @@ from aiohttp import web
 from gpgfilter.mail import pgpmime, rawmessage
 from gpgfilter.mail.deliver import MailClient
 from gpgfilter.mail.receive import listen
+from gpgfilter.mailbox.queue import EnrolmentQueue
 from gpgfilter.openpgp.check import check_ciphertext
 from gpgfilter.openpgp.engine import EngineError, Recipient
 from gpgfilter.openpgp.factory import EngineSettings, make_engine
@@ -85,6 +86,14 @@ def admin_token(config: Config) -> str | None:
     return token
 
 
+def enrolment_queue(config: Config) -> EnrolmentQueue | None:
+    """Where confirmations queue their address for its stored mail to be encrypted; None
+    when the admin has not turned that on."""
+    if not config.mailbox.encrypt_on_enrolment:
+        return None
+    return EnrolmentQueue.under(config.data_dir)
+
+
 def build(config: Config, store: KeyStore) -> tuple[web.Application, Registry, Mailer]:
     """The application and its parts, wired from the configuration (tests use this too)."""
     # python-gnupg logs the keys it imports at DEBUG: never let key material reach a log.
@@ -119,6 +128,7 @@ def build(config: Config, store: KeyStore) -> tuple[web.Application, Registry, M
         limiter,
         domains=config.served_domains,
         delimiters=config.recipient_delimiter,
+        enrolment=enrolment_queue(config),
     )
     settings = Settings(
         max_key_bytes=ks.max_key_bytes,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import sys
 from collections.abc import Callable
@@ -10,6 +11,7 @@ from collections.abc import Callable
 import click
 
 from gpgfilter.mailbox.dovecot import MailboxError
+from gpgfilter.mailbox.queue import EnrolmentQueue
 from gpgfilter.mailbox.replace import StepHook
 from gpgfilter.mailbox.run import MailboxRun, RunSettings, UserReport
 from gpgfilter.openpgp.engine import EngineError
@@ -48,8 +50,13 @@ def encrypt_mailboxes(
     *,
     echo: Callable[[str], None],
     terminal: bool,
+    queued: bool = False,
 ) -> list[UserReport]:
-    """Run over ``users`` (None: every address with a key); one report per user."""
+    """Run over ``users`` (None: every address with a key); one report per user.
+
+    ``queued``: first the addresses queued at enrolment, each over its whole mailbox (whatever
+    ``since_last`` says: all its mail predates the key), each taken off the queue once done.
+    """
     store = open_store(config.keystore, config.keystore_path, create=False)
     try:
         if users is None:
@@ -58,16 +65,39 @@ def encrypt_mailboxes(
         # filter's would no longer be writable by the filter's user.
         state = config.data_dir / "mailbox"
         engine = make_engine(config.gpg, home=state / "gnupg")
-        run = MailboxRun(
-            data_dir=state,
-            engine=engine,
-            keys_for=store.keys_for,
-            settings=settings,
-            step=STEP_HOOK,
-        )
-        return asyncio.run(_all(run, users, echo=echo, terminal=terminal))
+
+        def make(settings: RunSettings) -> MailboxRun:
+            return MailboxRun(
+                data_dir=state,
+                engine=engine,
+                keys_for=store.keys_for,
+                settings=settings,
+                step=STEP_HOOK,
+            )
+
+        reports: list[UserReport] = []
+        if queued:
+            queue = EnrolmentQueue.under(config.data_dir)
+            first = queue.addresses()
+            whole = make(dataclasses.replace(settings, since_last=False))
+            for report in asyncio.run(_all(whole, first, echo=echo, terminal=terminal)):
+                reports.append(report)
+                if not settings.dry_run and _finished(report):
+                    queue.done(report.user)
+            users = [u for u in users if u not in first]
+        if users:
+            reports += asyncio.run(_all(make(settings), users, echo=echo, terminal=terminal))
+        return reports
     finally:
         store.close()
+
+
+def _finished(report: UserReport) -> bool:
+    """Whether a queued address is done with: a run without failure, or one that cannot
+    start for want of a key (the entry would never go; a new enrolment queues it again)."""
+    if report.skipped is not None:
+        return report.skipped.startswith("no ")
+    return report.error is None and not report.total("failed")
 
 
 async def _all(
@@ -140,6 +170,12 @@ def register(
         is_flag=True,
         help="Only what was stored since the last run (the sweep, for a timer).",
     )
+    @click.option(
+        "--queued",
+        is_flag=True,
+        help="First the whole mailbox of each address queued at enrolment"
+        " (mailbox.encrypt_on_enrolment).",
+    )
     @click.option("--throttle", type=float, help="Messages per second at most (0: no limit).")
     @click.pass_context
     def encrypt(
@@ -148,11 +184,12 @@ def register(
         everyone: bool,
         dry_run: bool,
         since_last: bool,
+        queued: bool,
         throttle: float | None,
     ) -> None:
         """Replace each clear message in the users' mailboxes by its encrypted copy."""
-        if everyone == bool(addresses):
-            raise click.UsageError("name addresses, or --all (not both)")
+        if (everyone and addresses) or not (everyone or addresses or queued):
+            raise click.UsageError("name addresses, or --all (not both), or --queued")
         if throttle is not None and throttle < 0:
             raise click.UsageError("--throttle must be 0 (no limit) or positive")
         config = load(ctx)
@@ -166,6 +203,7 @@ def register(
                 settings,
                 echo=click.echo if terminal or dry_run else log.info,
                 terminal=terminal,
+                queued=queued,
             )
         except (StoreError, EngineError, MailboxError, OSError) as error:
             raise click.ClickException(str(error)) from None

@@ -42,6 +42,7 @@ OPENPGP_JS = WEB_DIR / "node_modules" / "openpgp" / "dist" / "openpgp.min.mjs"
 
 _STATUS = {
     "bad-request": 400,
+    "not-offered": 400,
     "token-malformed": 400,
     "bad-address": 422,
     "foreign-domain": 422,
@@ -132,6 +133,7 @@ def create_app(
     router.add_get("/static/openpgp.min.mjs", _openpgp_js)
     router.add_get("/static/{name}", _static)
     router.add_get("/api/v1/openapi.yaml", _openapi)
+    router.add_get("/api/v1/options", options)
     router.add_post("/api/v1/keys", upload)
     router.add_get("/api/v1/keys/{address}", status)
     router.add_post("/api/v1/confirm", confirm)
@@ -318,7 +320,19 @@ async def upload(request: web.Request) -> web.Response:
     if len(data) > request.app[SETTINGS].max_key_bytes:
         return _too_large(request)
     choice = _header_protection(body, required=False)
-    return _outcome(await request.app[REGISTRY].upload(_text(body, "address"), data, choice))
+    existing = body.get("encrypt_existing", False)
+    if not isinstance(existing, bool):
+        raise Refused("bad-request", "encrypt_existing must be true or false")
+    return _outcome(
+        await request.app[REGISTRY].upload(
+            _text(body, "address"), data, choice, encrypt_existing=existing
+        )
+    )
+
+
+async def options(request: web.Request) -> web.Response:
+    """What this server offers beyond the basics, so the signup page shows only that."""
+    return web.json_response({"encrypt_existing": request.app[REGISTRY].enrolment is not None})
 
 
 def _header_protection(body: dict[str, Any], *, required: bool) -> HeaderProtection | None:

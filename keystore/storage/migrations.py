@@ -157,6 +157,13 @@ MIGRATIONS: tuple[Migration, ...] = (
         ALTER TABLE pending ADD COLUMN header_protection text;
         """,
     ),
+    Migration(
+        why="the owner's request, carried by a pending change, to encrypt the mail already stored",
+        sqlite="ALTER TABLE pending ADD COLUMN encrypt_existing INTEGER NOT NULL DEFAULT 0;",
+        postgresql=(
+            "ALTER TABLE pending ADD COLUMN encrypt_existing boolean NOT NULL DEFAULT false;"
+        ),
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

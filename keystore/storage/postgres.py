@@ -295,8 +295,8 @@ class PostgresKeyStore:
             )
             conn.execute(
                 "INSERT INTO pending (token_hash, address, fingerprint, key_data, expires_key,"
-                " encryption_keys, user_ids, created, expires, origin, header_protection)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                " encryption_keys, user_ids, created, expires, origin, header_protection,"
+                " encrypt_existing) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
                 (
                     pending.token_hash,
                     pending.address,
@@ -305,6 +305,7 @@ class PostgresKeyStore:
                     pending.expires,
                     pending.origin,
                     pending.header_protection,
+                    pending.encrypt_existing,
                 ),
             )
 

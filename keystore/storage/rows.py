@@ -26,7 +26,7 @@ KEY_COLUMNS: LiteralString = "fingerprint, key_data, expires, encryption_keys, u
 # The columns ``row_to_pending`` reads: a key (a pending key is never revoked), then the change.
 PENDING_COLUMNS: LiteralString = (
     "fingerprint, key_data, expires_key, encryption_keys, user_ids, false,"
-    " token_hash, address, created, expires, origin, header_protection"
+    " token_hash, address, created, expires, origin, header_protection, encrypt_existing"
 )
 
 # ``keys_for``'s query: a key's columns, then the address's settings (NULL when none).
@@ -62,7 +62,7 @@ def row_to_key(row: Sequence[object]) -> StoredKey:
 
 
 def row_to_pending(row: Sequence[object]) -> PendingChange:
-    token_hash, address, created, expires, origin, protection = row[6:]
+    token_hash, address, created, expires, origin, protection, encrypt_existing = row[6:]
     assert isinstance(token_hash, str) and isinstance(address, str) and isinstance(origin, str)
     assert isinstance(created, int) and isinstance(expires, int)
     return PendingChange(
@@ -73,6 +73,7 @@ def row_to_pending(row: Sequence[object]) -> PendingChange:
         expires,
         origin,
         header_protection=header_protection(protection),
+        encrypt_existing=bool(encrypt_existing),
     )
 
 

@@ -241,7 +241,7 @@ class SQLiteKeyStore:
             conn.execute(
                 "INSERT INTO pending (token_hash, address, fingerprint, key_data,"
                 " expires_key, encryption_keys, user_ids, created, expires, origin,"
-                " header_protection) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " header_protection, encrypt_existing) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     pending.token_hash,
                     pending.address,
@@ -250,6 +250,7 @@ class SQLiteKeyStore:
                     pending.expires,
                     pending.origin,
                     pending.header_protection,
+                    int(pending.encrypt_existing),
                 ),
             )
 

@@ -310,3 +310,32 @@ def test_delivery_through_the_filter_goes_on_during_a_run(tmp_path: Path, alice:
         texts = sorted(decrypt_all(alice, armored_part(m)) for m in stored)
         expected = sorted(inner_entity(m) for m in [*seeded.values(), *delivered])
         assert texts == expected
+
+
+def test_enrolment_queues_the_address_and_the_sweep_encrypts_its_whole_mailbox(
+    tmp_path: Path, dovecot: Dovecot, alice: TestKey
+) -> None:
+    """With mailbox.encrypt_on_enrolment, `keys import` queues the address; the sweep's
+    `--queued` encrypts all of its mail (not only what came since a last sweep) and empties
+    the queue. Off (the default), nothing is queued."""
+    mailbox = Mailbox(dovecot)
+    seeded = seed(mailbox)
+    config = write_config(tmp_path / "gpgfilter", dovecot)
+    # A sweep ran before the key existed: its state must not shorten the queued run.
+    config.write_text(config.read_text() + "  encrypt_on_enrolment: true\n")
+    queue = tmp_path / "gpgfilter" / "data" / "mailbox-queue"
+    (tmp_path / "alice.asc").write_bytes(alice.public)
+    done = gpgfilter(config, "keys", "import", "--address", USER, str(tmp_path / "alice.asc"))
+    assert done.returncode == 0, done.stderr
+    assert [p.read_text() for p in queue.iterdir()] == [f"{USER}\n"]
+
+    sweep = gpgfilter(config, "mailbox", "encrypt", "--all", "--since-last", "--queued")
+    assert sweep.returncode == 0, sweep.stderr
+    assert_all_encrypted(mailbox, seeded, alice)
+    assert list(queue.iterdir()) == []
+    again = gpgfilter(config, "mailbox", "encrypt", "--queued")
+    assert again.returncode == 0 and "nothing to do" in again.stdout, again
+
+
+def test_without_the_option_an_import_queues_nothing(enrolled: Path) -> None:
+    assert not (enrolled.parent / "data" / "mailbox-queue").exists()

@@ -78,6 +78,7 @@ def test_a_version_2_sqlite_store_keeps_its_revocations_forever(
         conn.execute("DROP TABLE revoked")
         conn.execute("DROP TABLE address_settings")  # and what later versions added
         conn.execute("ALTER TABLE pending DROP COLUMN header_protection")
+        conn.execute("ALTER TABLE pending DROP COLUMN encrypt_existing")
         conn.execute("UPDATE keys SET revoked = 1")
         conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
     store = SQLiteKeyStore(path)

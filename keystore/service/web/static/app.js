@@ -95,6 +95,7 @@ async function register(event) {
   show(status, "Sending…", true);
   const request = { address: $("address").value.trim(), ...payload };
   if ($("hide-subject").checked) request.header_protection = "hide-subject";
+  if (!$("existing-offer").hidden && $("encrypt-existing").checked) request.encrypt_existing = true;
   const { ok, data } = await post("/api/v1/keys", request);
   show(status, data.message || "Something went wrong.", ok);
 }
@@ -138,4 +139,17 @@ $("withdraw").addEventListener("submit", (event) => {
 $("protect").addEventListener("submit", (event) => {
   protect(event).catch(() => show($("protect-result"), "The server could not be reached.", false));
 });
+async function offers() {
+  // The page works without this: the offer stays hidden unless the server makes it.
+  try {
+    const response = await fetch("/api/v1/options");
+    if (response.ok && (await response.json()).encrypt_existing === true) {
+      $("existing-offer").hidden = false;
+    }
+  } catch {
+    // keep it hidden
+  }
+}
+
 probe();
+offers();

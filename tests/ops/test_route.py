@@ -210,3 +210,53 @@ def test_the_route_query_finds_bindings_by_lower_case_and_nothing_else(tmp_path:
         assert ask("bob@example.test") == []
         assert ask("x' OR '1'='1") == []
     assert os.path.exists(config.keystore_path)
+
+
+def test_the_pgsql_route_table_answers_through_postfix(tmp_path: Path, postgres_dsn: str) -> None:
+    """The map file setup writes for a PostgreSQL store, asked by Postfix's own pgsql client
+    (postmap) against a real server: a bound address in any case gets the filter's
+    transport, others nothing, and a quote in the address stays data."""
+    from gpgfilter.ops.postfix import route_map_text
+    from gpgfilter.process.config import load
+    from keystore.storage.open import open_store
+    from tests.support.debian import require_program
+
+    postmap = require_program("postmap", "postfix")
+    config = load(
+        None,
+        {
+            "data_dir": str(tmp_path),
+            "route": "enrolled",
+            "keystore.backend": "postgresql",
+            "keystore.dsn": postgres_dsn,
+        },
+    )
+    store = open_store(config.keystore, config.keystore_path, create=True)
+    store.close()
+    import psycopg
+
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        conn.execute("SET session_replication_role = replica")  # no key row needed
+        conn.execute("INSERT INTO bindings VALUES ('alice@example.test', 'F', 0)")
+    text, _mode = route_map_text(config, "example.test")
+    postfix_dir = tmp_path / "postfix"
+    postfix_dir.mkdir()
+    (postfix_dir / "main.cf").write_text("compatibility_level = 3.6\n")
+    table = tmp_path / "route.cf"
+    table.write_text(text)
+
+    def ask(address: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [postmap, "-c", str(postfix_dir), "-q", address, f"pgsql:{table}"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+
+    found = ask("ALICE@Example.test")
+    assert (found.returncode, found.stdout.strip()) == (0, "lmtp:inet:127.0.0.1:10025"), found
+    for other in ("bob@example.test", "x' OR '1'='1@example.test", "alice@elsewhere.test"):
+        missing = ask(other)
+        assert (missing.returncode, missing.stdout) == (1, ""), (other, missing)
+        assert "warning" not in missing.stderr and "fatal" not in missing.stderr, missing.stderr

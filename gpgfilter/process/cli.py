@@ -242,6 +242,9 @@ def import_keys(
     setup_logging("warning")
     if not files and gnupg_home is None:
         raise click.UsageError("name key files (- for standard input) or --gnupg-home")
+    if dry_run and address:
+        # An explicit binding is one key for one address: nothing to preview but the binding.
+        raise click.UsageError("--dry-run previews imports by user ID; it does not take --address")
     if gnupg_home is not None and not gnupg_home.is_dir():
         raise click.ClickException(f"{gnupg_home}: no such GnuPG home")
     chunks = []

@@ -80,3 +80,25 @@ def test_standard_input_with_many_keys(tmp_path: Path, alice: TestKey, bob: Test
     )
     assert result.exit_code == 0, result.output
     assert result.output.splitlines()[-1] == "2 key(s): 2 registered"
+
+
+def test_dry_run_with_an_explicit_address_is_refused_not_ignored(tmp_path: Path) -> None:
+    config = tmp_path / "gpgfilter.yaml"
+    config.write_text(f"data_dir: {tmp_path / 'data'}\n")
+    keyfile = tmp_path / "k.asc"
+    keyfile.write_text("not read")
+    result = CliRunner().invoke(
+        main,
+        [
+            "-c",
+            str(config),
+            "keys",
+            "import",
+            "--dry-run",
+            "--address",
+            "a@example.test",
+            str(keyfile),
+        ],
+    )
+    assert result.exit_code == 2 and "does not take --address" in result.output
+    assert not (tmp_path / "data" / "keys.sqlite").exists()

@@ -254,6 +254,27 @@ def test_filter_lmtp_refuses_an_over_long_line_once_per_recipient(filter_lmtp: L
         client.close()
 
 
+def test_filter_answers_pipelined_commands_in_order(filter_lmtp: Listener) -> None:
+    """PIPELINING is announced, and replies held back to go out together still come in
+    order, each once, with the 221 of a pipelined QUIT before the close."""
+    client = Client(filter_lmtp.port)
+    try:
+        assert "250-PIPELINING" in client.command(b"LHLO attacker").splitlines()
+        client.sock.sendall(
+            b"MAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\n"
+            b"RCPT TO:<c\x01@example.test>\r\nRCPT TO:<d@example.test>\r\nDATA\r\n"
+        )
+        codes = [client.reply()[:3] for _ in range(5)]
+        assert codes == ["250", "250", "501", "250", "354"]
+        client.sock.sendall(b"Subject: x\r\n\r\nbody\r\n.\r\nRSET\r\nNOOP\r\nQUIT\r\n")
+        # Nothing listens downstream: each recipient is deferred, then RSET, NOOP, QUIT.
+        codes = [client.reply()[:3] for _ in range(5)]
+        assert codes == ["451", "451", "250", "250", "221"]
+        assert client.sock.recv(1) == b"", "closed after the 221"
+    finally:
+        client.close()
+
+
 @pytest.mark.parametrize(
     "address",
     [

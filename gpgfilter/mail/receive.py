@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import os
 import re
 import typing
 from collections.abc import Callable, Sequence
@@ -446,5 +447,10 @@ async def listen(
         return server
 
     if endpoint.is_unix:
-        return await loop.create_unix_server(factory, endpoint.path)
+        server = await loop.create_unix_server(factory, endpoint.path)
+        # Postfix's LMTP client (user postfix) must be able to connect, as to a loopback port,
+        # which any local user can reach: who may deliver is the directory's permissions'
+        # business (Dovecot's LMTP socket is made the same way).
+        os.chmod(endpoint.path, 0o666)  # noqa: S103
+        return server
     return await loop.create_server(factory, endpoint.host, endpoint.port, reuse_address=True)

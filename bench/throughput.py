@@ -1,7 +1,7 @@
 """End-to-end throughput through real Postfix + Dovecot, without a filter and with gpgfilter in
 LMTP mode, measured in the same run on the same machine; prints the figures and their ratio.
 
-    .venv/bin/python bench/throughput.py [--messages N] [--sessions S]
+    .venv/bin/python bench/throughput.py [--messages N] [--sessions S] [--unix]
 
 Needs root and Debian's postfix, dovecot-core, dovecot-imapd, dovecot-lmtpd (as the tests).
 Load comes from Postfix's own ``smtp-source`` (C, cheap), so the client does not steal the CPU
@@ -110,6 +110,11 @@ def main() -> None:
         help="sample the filter with py-spy during its rounds (collapsed stacks into FILE)",
     )
     parser.add_argument(
+        "--unix",
+        action="store_true",
+        help="Postfix -> [gpgfilter ->] Dovecot over unix sockets instead of loopback TCP",
+    )
+    parser.add_argument(
         "--cases",
         default="10240x1,10240x3,51200x1,51200x3",
         help="comma-separated SIZExRECIPIENTS",
@@ -126,12 +131,15 @@ def main() -> None:
     with (
         tempfile.TemporaryDirectory(prefix="gpgfilter-bench-") as tmp,
         KeyFactory(Path(tmp) / "keys") as keys,
-        Stack(Path(tmp) / "direct", mode="direct", users=[*RECIPIENTS, SENDER]) as direct,
+        Stack(
+            Path(tmp) / "direct", mode="direct", users=[*RECIPIENTS, SENDER], unix=args.unix
+        ) as direct,
         Stack(
             Path(tmp) / "lmtp",
             mode="lmtp",
             users=[*RECIPIENTS, SENDER],
             gpg_yaml=f"  max_processes: {args.gpg_processes}\n" if args.gpg_processes else "",
+            unix=args.unix,
         ) as filtered,
     ):
         assert filtered.filter is not None
@@ -180,7 +188,8 @@ def main() -> None:
     print("Messages/s end to end (smtp-source -> Postfix -> [gpgfilter ->] Dovecot), median of")
     print(
         f"{args.rounds} alternating rounds, {args.messages} mailbox copies per case,"
-        f" {args.sessions} sessions, RSA-3072 keys, this machine:"
+        f" {args.sessions} sessions, RSA-3072 keys,"
+        f" {'unix sockets' if args.unix else 'loopback TCP'} between the hops, this machine:"
     )
     print()
     print(

@@ -270,14 +270,24 @@ class MailClient:
             session.writer.write(b".\r\n")
             await session.read_reply()
             return
+        # In chunks: the transport copies whatever the socket does not take at once, and a
+        # whole 30 MB ciphertext would be held twice. Small pieces (the header fields, the
+        # ciphertext of a short message, the closing boundary) and the end of data share a
+        # write: a syscall and a wake-up of the server each fewer.
+        pending: list[bytes | memoryview] = []
+        size = 0
         for part in data:  # each piece starts a line, so each can be made wire-ready alone
-            # In chunks: the transport copies whatever the socket does not take at once, and
-            # a whole 30 MB ciphertext would be held twice.
             body = memoryview(wire_body(part))
             for offset in range(0, len(body), _WRITE_CHUNK):
-                session.writer.write(body[offset : offset + _WRITE_CHUNK])
-                await session.writer.drain()
-        session.writer.write(b".\r\n")
+                chunk = body[offset : offset + _WRITE_CHUNK]
+                pending.append(chunk)
+                size += len(chunk)
+                if size >= _WRITE_CHUNK:
+                    session.writer.writelines(pending)
+                    pending, size = [], 0
+                    await session.writer.drain()
+        pending.append(b".\r\n")
+        session.writer.writelines(pending)
         await session.writer.drain()
         if self.lmtp:
             for index in accepted:

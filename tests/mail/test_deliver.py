@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import pytest
 
 from gpgfilter.mail.deliver import MailClient, to_wire
@@ -66,6 +69,39 @@ async def test_refusals_at_every_step(pipelining: bool) -> None:
         replies = await client.send("a@example.test", ["z@example.test"], b"m")
         assert [r.code for r in replies] == [250]
         assert [d.recipients for d in downstream.deliveries] == [["z@example.test"]] * 3
+    finally:
+        await client.close()
+        await downstream.stop()
+
+
+async def test_a_small_message_and_its_end_go_out_in_one_write(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each write is a syscall that also wakes the downstream: the pieces of a small message
+    (header fields, ciphertext, closing boundary) and the end of data share one."""
+    writes: list[bytes] = []
+    write, writelines = asyncio.StreamWriter.write, asyncio.StreamWriter.writelines
+
+    def counting_write(self: asyncio.StreamWriter, data: Any) -> None:
+        writes.append(bytes(data))
+        write(self, data)
+
+    def counting_writelines(self: asyncio.StreamWriter, data: Any) -> None:
+        writes.append(b"".join(bytes(d) for d in data))
+        writelines(self, data)
+
+    monkeypatch.setattr(asyncio.StreamWriter, "write", counting_write)
+    monkeypatch.setattr(asyncio.StreamWriter, "writelines", counting_writelines)
+    downstream = Downstream(lmtp=True)
+    await downstream.start()
+    client = MailClient(Endpoint("127.0.0.1", downstream.port), lmtp=True, helo="t", timeout=10)
+    try:
+        pieces = [b"Subject: x\r\n\r\n", b"-----BEGIN PGP MESSAGE-----\r\n.x\r\n", b"--b--\r\n"]
+        replies = await client.send("a@example.test", ["b@example.test"], pieces)
+        assert [r.code for r in replies] == [250]
+        assert downstream.deliveries[0].data == b"".join(pieces)
+        body = [w for w in writes if b"Subject: x" in w or w.endswith(b".\r\n")]
+        assert body == [b"Subject: x\r\n\r\n-----BEGIN PGP MESSAGE-----\r\n..x\r\n--b--\r\n.\r\n"]
     finally:
         await client.close()
         await downstream.stop()

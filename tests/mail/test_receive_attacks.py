@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.e2e_stack import FilterProcess
-from tests.support.mailstack import free_port
+from tests.support.mailstack import _make_reachable, free_port
 
 MB = 1024 * 1024
 # The most one connection may cost, whatever it sends.
@@ -254,6 +254,27 @@ def test_filter_lmtp_refuses_an_over_long_line_once_per_recipient(filter_lmtp: L
         client.close()
 
 
+def test_filter_answers_pipelined_commands_in_order(filter_lmtp: Listener) -> None:
+    """PIPELINING is announced, and replies held back to go out together still come in
+    order, each once, with the 221 of a pipelined QUIT before the close."""
+    client = Client(filter_lmtp.port)
+    try:
+        assert "250-PIPELINING" in client.command(b"LHLO attacker").splitlines()
+        client.sock.sendall(
+            b"MAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\n"
+            b"RCPT TO:<c\x01@example.test>\r\nRCPT TO:<d@example.test>\r\nDATA\r\n"
+        )
+        codes = [client.reply()[:3] for _ in range(5)]
+        assert codes == ["250", "250", "501", "250", "354"]
+        client.sock.sendall(b"Subject: x\r\n\r\nbody\r\n.\r\nRSET\r\nNOOP\r\nQUIT\r\n")
+        # Nothing listens downstream: each recipient is deferred, then RSET, NOOP, QUIT.
+        codes = [client.reply()[:3] for _ in range(5)]
+        assert codes == ["451", "451", "250", "250", "221"]
+        assert client.sock.recv(1) == b"", "closed after the 221"
+    finally:
+        client.close()
+
+
 @pytest.mark.parametrize(
     "address",
     [
@@ -383,3 +404,34 @@ def test_filter_memory_is_bounded_in_total_whatever_the_number_of_connections(
     finally:
         for client in clients:
             client.close()
+
+
+def test_filter_on_a_unix_socket_answers_another_user(tmp_path: Path) -> None:
+    """Postfix's LMTP client runs as ``postfix``, not as the filter's user: a unix listener
+    must accept it, as a loopback port would (the directory decides who may reach it)."""
+    _make_reachable(tmp_path / "run")
+    path = tmp_path / "run" / "lmtp"
+    process = FilterProcess(
+        tmp_path / "filter",
+        mode="lmtp",
+        port=free_port(),
+        deliver_port=free_port(),
+        listen=f"unix:{path}",
+    )
+    process.start()
+    try:
+        client = (
+            "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]);"
+            " print(s.recv(100).decode())"
+        )
+        done = subprocess.run(
+            ["/usr/bin/python3", "-c", client, str(path)],
+            user="nobody",
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert done.stdout.startswith("220 "), done.stderr
+    finally:
+        process.stop()

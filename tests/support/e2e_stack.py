@@ -25,7 +25,15 @@ class FilterProcess:
     """
 
     def __init__(
-        self, root: Path, *, mode: str, port: int, deliver_port: int, extra_yaml: str = ""
+        self,
+        root: Path,
+        *,
+        mode: str,
+        port: int,
+        deliver_port: int,
+        extra_yaml: str = "",
+        listen: str = "",
+        deliver: str = "",
     ) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
@@ -40,8 +48,8 @@ class FilterProcess:
         self._write_gpg_wrapper()
         self.config_path.write_text(
             f"mode: {mode}\n"
-            f"listen: 127.0.0.1:{port}\n"
-            f"deliver: 127.0.0.1:{deliver_port}\n"
+            f"listen: {listen or f'127.0.0.1:{port}'}\n"
+            f"deliver: {deliver or f'127.0.0.1:{deliver_port}'}\n"
             f"data_dir: {self.data_dir}\n"
             "hostname: filter.test\n"
             "log_level: info\n"
@@ -128,7 +136,9 @@ class FilterProcess:
 
 
 class Stack:
-    """Dovecot + Postfix (+ gpgfilter unless ``mode == "direct"``), on free loopback ports."""
+    """Dovecot + Postfix (+ gpgfilter unless ``mode == "direct"``), on free loopback ports;
+    with ``unix=True`` (LMTP mode and direct only) Postfix and the filter reach the next hop
+    over unix sockets instead."""
 
     def __init__(
         self,
@@ -138,9 +148,11 @@ class Stack:
         users: list[str],
         domains: tuple[str, ...] = ("example.test",),
         gpg_yaml: str = "",
+        unix: bool = False,
     ) -> None:
         self.root = root
         self.mode = mode
+        self.unix = unix
         self.dovecot = Dovecot(root / "dovecot")
         for user in users:
             self.dovecot.add_user(user)
@@ -161,13 +173,22 @@ class Stack:
                 port=filter_port,
                 deliver_port=deliver,
                 extra_yaml=gpg_yaml,
+                listen=f"unix:{self.filter_socket}" if unix else "",
+                deliver=f"unix:{self.dovecot.base_dir / 'lmtp'}" if unix else "",
             )
+
+    @property
+    def filter_socket(self) -> Path:
+        return self.root / "gpgfilter-lmtp"
 
     def start(self) -> Stack:
         try:
             self.dovecot.start()
             if self.filter is not None:
                 self.filter.start()
+            if self.unix:  # the harness's Postfix is not chrooted: absolute paths work
+                to = self.filter_socket if self.filter else self.dovecot.base_dir / "lmtp"
+                self.postfix.apply_main_cf([f"virtual_transport=lmtp:unix:{to}"])
             self.postfix.start()
         except BaseException:
             self.stop()

@@ -142,8 +142,8 @@ class Downstream:
     ) -> list[str]:
         self.hellos += 1
         session.host_name = hostname
-        if not self.pipelining:
-            responses = [r for r in responses if "PIPELINING" not in r]
+        if self.pipelining:  # aiosmtpd handles pipelined commands but does not say so
+            return [*responses[:-1], "250-PIPELINING", *responses[-1:]]
         return responses
 
     async def handle_MAIL(

@@ -305,13 +305,16 @@ class Registry:
         log.info("header protection change for %s waits for confirmation", address)
         return Outcome("protection-pending", address, usable[0].fingerprint, pending.expires)
 
-    async def admin_header_protection(self, address: str, mode: HeaderProtection | None) -> Outcome:
+    async def admin_header_protection(
+        self, address: str, mode: HeaderProtection | None, *, actor: str = "admin-api"
+    ) -> Outcome:
         """The admin sets (or, with None, hands back to the default) an address's choice."""
         address = normalise_address(address)
         keys = await self._keys(address)
         if not keys:
             raise Refused("nothing-registered", "no key is registered for this address")
         await asyncio.to_thread(self.store.set_header_protection, address, mode)
+        await self._audit("protection-changed", address, keys[-1], actor)
         return Outcome("protection-changed", address, keys[-1].fingerprint, keys[-1].expires)
 
     async def confirm(self, token: str) -> Outcome:
@@ -332,6 +335,7 @@ class Registry:
             await asyncio.to_thread(
                 self.store.set_header_protection, address, pending.header_protection
             )
+            await self._audit("protection-changed", address, key, "self-service")
             return Outcome("protection-changed", address, key.fingerprint, key.expires)
         if pending.origin == ORIGIN_WITHDRAW:
             async with self._updating:
@@ -798,10 +802,14 @@ class Registry:
         )
 
     async def _changed(self, action: str, address: str, key: StoredKey, actor: str) -> None:
+        await self._audit(action, address, key, actor)
+        await self._notify(Notice(action, address, key.fingerprint, actor, key.expires))
+
+    async def _audit(self, action: str, address: str, key: StoredKey, actor: str) -> None:
+        """Record a change (a setting's too, which mails no notice: its owner made it)."""
         entry = AuditEntry(int(self.clock()), address, action, key.fingerprint, actor)
         await asyncio.to_thread(self.store.record_audit, entry)
         log.info("key %s %s for %s by %s", key.fingerprint, action, address, actor)
-        await self._notify(Notice(action, address, key.fingerprint, actor, key.expires))
 
     async def _notify(self, notice: Notice) -> bool:
         """A notice that cannot be sent does not undo the change; it is logged instead."""

@@ -377,18 +377,20 @@ def protect_header(ctx: click.Context, address: str, setting: str) -> None:
     configuration's policy.header_protection). The address must have a key registered."""
     config = _load(ctx)
     store = _store(config, create=False)
-    wanted = address.strip().lower()
+    mode = next((m for m in HEADER_PROTECTION_MODES if m == setting), None)
+    registry = _registry(config, store, config.served_domains)
     try:
-        if not store.keys_for(wanted):
-            raise click.ClickException(f"nothing registered for {address}")
-        mode = next((m for m in HEADER_PROTECTION_MODES if m == setting), None)
-        store.set_header_protection(wanted, mode)
+        outcome = asyncio.run(registry.admin_header_protection(address, mode, actor="cli"))
+    except Refused as refused:
+        if refused.code == "nothing-registered":
+            raise click.ClickException(f"nothing registered for {address}") from None
+        raise click.ClickException(f"{address}: {refused}") from None
     except StoreError as error:
         raise click.ClickException(str(error)) from None
     finally:
         store.close()
     effective = mode or f"{config.policy.header_protection} (the default)"
-    click.echo(f"{wanted}: header protection {effective}")
+    click.echo(f"{outcome.address}: header protection {effective}")
 
 
 _postfix_dir_option = click.option(

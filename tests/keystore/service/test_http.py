@@ -624,3 +624,8 @@ async def test_header_protection_chosen_at_signup_and_changed_only_with_proof(
         assert ks.store.keys_for(lena.address).settings.header_protection is None
         missing = "/api/v1/admin/header-protection/nobody@example.test"
         assert (await client.put(missing, json=off, headers=ADMIN)).status == 404
+        # Every change of the setting is audited, whoever made it.
+        changes = [
+            e.actor for e in ks.store.audit_log(lena.address) if e.action == "protection-changed"
+        ]
+        assert changes == ["admin-api", "admin-api", "self-service"]

@@ -13,6 +13,7 @@ reported as well.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import signal
@@ -25,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import cpugroups
 from tests.support.e2e_stack import Stack, cpu_seconds
 from tests.support.openpgp_tools import KeyFactory
 
@@ -128,7 +130,10 @@ def main() -> None:
     cpu_ms: dict[tuple[int, int], list[float]] = {}
     own: dict[tuple[int, int], list[float]] = {}
     total: dict[tuple[int, int], list[float]] = {}
+    # CPU ms per message by stack, case and component (postfix, dovecot, filter).
+    parts: dict[tuple[str, int, int, str], list[float]] = {}
     with (
+        contextlib.ExitStack() as cleanup,
         tempfile.TemporaryDirectory(prefix="gpgfilter-bench-") as tmp,
         KeyFactory(Path(tmp) / "keys") as keys,
         Stack(
@@ -147,6 +152,18 @@ def main() -> None:
             filtered.filter.import_key(keys.make(address, algo="rsa3072").public)
         for stack in (direct, filtered):  # warm up: caches, connections, gpg homes
             run_load(stack, messages=50, size=10_240, rcpts=1, sessions=args.sessions)
+        groups: dict[str, dict[str, cpugroups.CpuGroup]] = {}
+        if cpugroups.available():
+            for name, stack in (("direct", direct), ("lmtp", filtered)):
+                members = {
+                    "postfix": stack.postfix.processes(),
+                    "dovecot": stack.dovecot.processes(),
+                }
+                if stack.filter is not None:
+                    members["filter"] = {stack.filter.pid: 0}
+                groups[name] = cleanup.enter_context(cpugroups.groups(members, prefix=name))
+                for part, pids in members.items():
+                    groups[name][part].adopt(pids)
         profiler = None
         if args.profile:
             profiler = subprocess.Popen(
@@ -162,6 +179,7 @@ def main() -> None:
                 for name, stack in (("direct", direct), ("lmtp", filtered)):
                     log_mark = len(filtered.filter.log())
                     cpu_before = cpu_seconds(filtered.filter.pid)
+                    used_before = {p: g.seconds() for p, g in groups.get(name, {}).items()}
                     seconds = run_load(
                         stack,
                         messages=count,
@@ -171,6 +189,9 @@ def main() -> None:
                         wait=args.wait,
                     )
                     rates.setdefault((name, size, rcpts), []).append(count / seconds)
+                    for part, group in groups.get(name, {}).items():
+                        used_ms = (group.seconds() - used_before[part]) * 1000 / count
+                        parts.setdefault((name, size, rcpts, part), []).append(used_ms)
                     if stack is filtered:
                         used = cpu_seconds(filtered.filter.pid) - cpu_before
                         cpu_ms.setdefault((size, rcpts), []).append(used * 1000 / count)
@@ -215,6 +236,27 @@ def main() -> None:
                 )
             )
         )
+    if parts:
+        print()
+        print("CPU ms per message by component (cgroup accounting, median of the rounds):")
+        print(
+            f"{'size':>6} {'rcpts':>5} {'stack':>9}"
+            f" {'postfix':>8} {'dovecot':>8} {'filter':>8} {'sum':>8}"
+        )
+        for size, rcpts in cases:
+            for name in ("direct", "lmtp"):
+                values = {
+                    part: statistics.median(parts[(name, size, rcpts, part)])
+                    for part in ("postfix", "dovecot", "filter")
+                    if (name, size, rcpts, part) in parts
+                }
+                print(
+                    f"{size // 1024:>4}KB {rcpts:>5} {name:>9}"
+                    + "".join(
+                        f" {values.get(p, 0.0):>8.2f}" for p in ("postfix", "dovecot", "filter")
+                    )
+                    + f" {sum(values.values()):>8.2f}"
+                )
     print()
     print("own = the filter's processing (classify, key lookup, encrypt, assemble), delivery")
     print("excluded; total = end of DATA to the last reply, Dovecot's delivery included. Under")

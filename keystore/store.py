@@ -76,6 +76,12 @@ class KeyStore(Protocol):
         """The keys bound to a canonical address; empty when the address is not enrolled."""
         ...
 
+    def change_token(self) -> str:
+        """A value that changes with every write to keys, bindings or address settings, by
+        any process (the schema's triggers change it, whoever writes). What ``keys_for``
+        returned after reading a token is still current as long as the token is unchanged."""
+        ...
+
     def set_header_protection(self, address: str, mode: HeaderProtection | None) -> None:
         """Remember the address's header protection choice (None: the admin's default). Kept
         apart from the bindings, so a replaced key keeps it; dropped when the address is

@@ -12,6 +12,15 @@ database answers. Those threads are counted, and once every thread of the pool i
 its deadline further calls fail at once rather than queue for another full timeout. When the
 database answers again the threads come free and lookups work from the next message on. The
 threads are daemons, so a stuck one never keeps the filter from stopping.
+
+Handing a lookup to a thread and back costs more than the lookup (a few dozen futex calls and
+the interpreter lock changing hands, for every recipient). So the keys of an enrolled address
+are kept for as long as the store's change token (``KeyStore.change_token``, changed by the
+schema's triggers on every write to keys, bindings and address settings, whoever writes) stays
+the same, and the token is read again with a lookup at least every ``cache_seconds``: a change
+to a registered key reaches the filter within that time, and a busy filter asks the store about
+once per ``cache_seconds`` instead of once per recipient. An address without a key is never
+kept: a key registered a moment ago is always found, so no mail for it is stored in clear.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import concurrent.futures
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
@@ -35,12 +45,16 @@ _Job = Callable[[], None]
 DEFAULT_THREADS = 4
 # Calls waiting for a thread at most; more than this at once means the store is far behind.
 MAX_WAITING = 256
+# Key data kept at most, in bytes: past it the cache starts again from empty.
+CACHE_BYTES = 16 << 20
 
 
 class BlockingStore(Protocol):
     """The part of ``keystore.store.KeyStore`` the filter's process uses."""
 
     def keys_for(self, address: str) -> list[StoredKey]: ...
+
+    def change_token(self) -> str: ...
 
     def bindings(self) -> list[Binding]: ...
 
@@ -93,11 +107,20 @@ class StoreLookup:
         store: BlockingStore,
         *,
         timeout: float,
+        cache_seconds: float = 0.0,
         threads: int = DEFAULT_THREADS,
         max_waiting: int = MAX_WAITING,
+        cache_bytes: int = CACHE_BYTES,
     ) -> None:
         self.store = store
         self.timeout = timeout
+        self.cache_seconds = cache_seconds
+        self.cache_bytes = cache_bytes
+        # address -> its keys, all read while the store's change token was ``_token``.
+        self._cache: dict[str, list[StoredKey]] = {}
+        self._cached_bytes = 0
+        self._token: str | None = None
+        self._token_asked = -float("inf")  # when the lookup that read ``_token`` was asked
         self._threads = threads
         self._max_waiting = max_waiting
         self._pool = _DaemonPool(threads, "keystore-lookup")
@@ -112,7 +135,46 @@ class StoreLookup:
             return len(self._stuck)
 
     async def keys_for(self, address: str) -> list[StoredKey]:
-        return await self._call(self.store.keys_for, address)
+        """The address's keys: from the cache while the token was read less than
+        ``cache_seconds`` ago, else from the store. The list is shared: do not change it."""
+        asked = time.monotonic()
+        if asked - self._token_asked < self.cache_seconds:
+            cached = self._cache.get(address)
+            if cached is not None:
+                return cached
+        token, keys = await self._call(self._read, address)
+        self._learn(token, asked)
+        if keys and token == self._token and self.cache_seconds > 0:
+            self._keep(address, keys)
+        return keys
+
+    def _read(self, address: str) -> tuple[str, list[StoredKey]]:
+        """In a pool thread. The token first: the keys read after it are at least as new
+        as the token says, so a write in between only makes the cache start again."""
+        token = self.store.change_token()
+        return token, self.store.keys_for(address)
+
+    def _learn(self, token: str, asked: float) -> None:
+        if asked < self._token_asked:
+            return  # an answer to an older question than the one the token came from
+        if token != self._token:
+            self._forget()
+            self._token = token
+        self._token_asked = asked
+
+    def _keep(self, address: str, keys: list[StoredKey]) -> None:
+        size = _size(keys)
+        replaced = self._cache.pop(address, None)
+        if replaced is not None:
+            self._cached_bytes -= _size(replaced)
+        if self._cached_bytes + size > self.cache_bytes:
+            self._forget()  # bounded memory, whatever the number and size of keys
+        self._cache[address] = keys
+        self._cached_bytes += size
+
+    def _forget(self) -> None:
+        self._cache.clear()
+        self._cached_bytes = 0
 
     async def bindings(self) -> list[Binding]:
         return await self._call(self.store.bindings)
@@ -155,3 +217,7 @@ class StoreLookup:
         with self._lock:
             self._pending -= 1
             self._stuck.discard(future)
+
+
+def _size(keys: list[StoredKey]) -> int:
+    return sum(len(key.key_data) for key in keys)

@@ -146,7 +146,11 @@ def open_lookup(config: Config) -> StoreLookup:
     """The configured store, asked off the event loop within ``keystore.lookup_timeout``."""
     config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     store = open_store(config.keystore, config.keystore_path, create=True)
-    return StoreLookup(store, timeout=config.keystore.lookup_timeout)
+    return StoreLookup(
+        store,
+        timeout=config.keystore.lookup_timeout,
+        cache_seconds=config.keystore.lookup_cache,
+    )
 
 
 def build_filter(config: Config, metrics: Metrics, lookup: StoreLookup) -> MailFilter:

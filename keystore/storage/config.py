@@ -21,6 +21,10 @@ class KeystoreConfig:
     dsn: str | None = None
     # Seconds the filter waits for one key lookup before deferring that recipient (451).
     lookup_timeout: float = 5.0
+    # Seconds a change to a registered key (a new key, a revocation, a setting) may take to
+    # reach a running filter, which keeps the keys it looked up while the store reports no
+    # change. An address without a key is always asked afresh. 0 asks the store every time.
+    lookup_cache: float = 1.0
 
     def check(self, prefix: str) -> None:
         """Combinations the types allow but that make no sense; a ValueError naming the key
@@ -34,3 +38,5 @@ class KeystoreConfig:
             raise ValueError(f"{prefix}path: only used when {prefix}backend is sqlite")
         if not 0 < self.lookup_timeout <= 300:
             raise ValueError(f"{prefix}lookup_timeout: must be between 0 and 300 seconds")
+        if not 0 <= self.lookup_cache <= 60:
+            raise ValueError(f"{prefix}lookup_cache: must be between 0 and 60 seconds")

@@ -10,6 +10,7 @@ misread it, and misreading a key store may store mail in clear.
 
 from __future__ import annotations
 
+import sqlite3
 from dataclasses import dataclass
 from typing import LiteralString
 
@@ -19,12 +20,51 @@ from keystore.store import StoreError
 @dataclass(frozen=True, slots=True)
 class Migration:
     """One schema step: why it exists, and its statements in each backend's dialect (same
-    tables and columns; SQLite's script is split at ``;`` and run statement by statement)."""
+    tables and columns; SQLite's script is run statement by statement)."""
 
     why: str
     sqlite: str
     postgresql: LiteralString
 
+    def sqlite_statements(self) -> list[str]:
+        """The SQLite script, one complete statement each (a trigger's body has ``;`` of
+        its own, so splitting at every ``;`` would cut it)."""
+        statements: list[str] = []
+        current = ""
+        for piece in self.sqlite.split(";"):
+            current += piece + ";"
+            if sqlite3.complete_statement(current):
+                if current.strip(" \n;"):
+                    statements.append(current.strip())
+                current = ""
+        if current.strip(" \n;"):
+            statements.append(current.strip())
+        return statements
+
+
+# Version 6 in SQLite, which has no statement-level triggers: one per table and kind of write.
+_SQLITE_KEY_CHANGES = """
+    CREATE TABLE key_changes (id INTEGER PRIMARY KEY CHECK (id = 1), token TEXT NOT NULL);
+    INSERT INTO key_changes (id, token) VALUES (1, lower(hex(randomblob(16))));
+    CREATE TRIGGER keys_insert_changes AFTER INSERT ON keys
+        BEGIN UPDATE key_changes SET token = lower(hex(randomblob(16))); END;
+    CREATE TRIGGER keys_update_changes AFTER UPDATE ON keys
+        BEGIN UPDATE key_changes SET token = lower(hex(randomblob(16))); END;
+    CREATE TRIGGER keys_delete_changes AFTER DELETE ON keys
+        BEGIN UPDATE key_changes SET token = lower(hex(randomblob(16))); END;
+    CREATE TRIGGER bindings_insert_changes AFTER INSERT ON bindings
+        BEGIN UPDATE key_changes SET token = lower(hex(randomblob(16))); END;
+    CREATE TRIGGER bindings_update_changes AFTER UPDATE ON bindings
+        BEGIN UPDATE key_changes SET token = lower(hex(randomblob(16))); END;
+    CREATE TRIGGER bindings_delete_changes AFTER DELETE ON bindings
+        BEGIN UPDATE key_changes SET token = lower(hex(randomblob(16))); END;
+    CREATE TRIGGER address_settings_insert_changes AFTER INSERT ON address_settings
+        BEGIN UPDATE key_changes SET token = lower(hex(randomblob(16))); END;
+    CREATE TRIGGER address_settings_update_changes AFTER UPDATE ON address_settings
+        BEGIN UPDATE key_changes SET token = lower(hex(randomblob(16))); END;
+    CREATE TRIGGER address_settings_delete_changes AFTER DELETE ON address_settings
+        BEGIN UPDATE key_changes SET token = lower(hex(randomblob(16))); END;
+"""
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
@@ -163,6 +203,28 @@ MIGRATIONS: tuple[Migration, ...] = (
         postgresql=(
             "ALTER TABLE pending ADD COLUMN encrypt_existing boolean NOT NULL DEFAULT false;"
         ),
+    ),
+    Migration(
+        why="a token that changes with every write to what a lookup reads, so the filter can"
+        " keep what it looked up for as long as nothing changed (see store.KeyStore.change_token)",
+        sqlite=_SQLITE_KEY_CHANGES,
+        postgresql="""
+        CREATE TABLE key_changes (id integer PRIMARY KEY CHECK (id = 1), token text NOT NULL);
+        INSERT INTO key_changes (id, token)
+            VALUES (1, md5(random()::text || clock_timestamp()::text));
+        CREATE FUNCTION gpgfilter_key_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            UPDATE key_changes SET token = md5(random()::text || clock_timestamp()::text);
+            RETURN NULL;
+        END $$;
+        CREATE TRIGGER keys_changes AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON keys
+            FOR EACH STATEMENT EXECUTE FUNCTION gpgfilter_key_changed();
+        CREATE TRIGGER bindings_changes AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON bindings
+            FOR EACH STATEMENT EXECUTE FUNCTION gpgfilter_key_changed();
+        CREATE TRIGGER address_settings_changes
+            AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON address_settings
+            FOR EACH STATEMENT EXECUTE FUNCTION gpgfilter_key_changed();
+        """,
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -169,6 +169,10 @@ class PostgresKeyStore:
         )
         return rows_to_address_keys(rows)
 
+    def change_token(self) -> str:
+        rows = self._read("lookup", "SELECT token FROM key_changes", ())
+        return str(rows[0][0])
+
     def set_header_protection(self, address: str, mode: HeaderProtection | None) -> None:
         def work(conn: _Conn) -> None:
             conn.execute(

@@ -130,6 +130,10 @@ class SQLiteKeyStore:
         )
         return rows_to_address_keys(rows)
 
+    def change_token(self) -> str:
+        rows = self._read("SELECT token FROM key_changes")
+        return str(rows[0][0])
+
     def set_header_protection(self, address: str, mode: HeaderProtection | None) -> None:
         def work(conn: sqlite3.Connection) -> None:
             conn.execute(
@@ -353,9 +357,8 @@ def _migrate(conn: sqlite3.Connection, *, fresh: bool) -> int:
     conn.execute("BEGIN IMMEDIATE")
     try:
         for migration in MIGRATIONS[current:]:
-            for statement in migration.sqlite.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
+            for statement in migration.sqlite_statements():
+                conn.execute(statement)
         conn.execute(
             "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
             (str(SCHEMA_VERSION),),

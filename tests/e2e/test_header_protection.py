@@ -5,10 +5,12 @@ would, signatures checked inside."""
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 
 import pytest
 
+from keystore.storage.config import KeystoreConfig
 from tests.e2e.test_mail import TRANSPORT_CHANGED, USERS, fresh, send, wire
 from tests.support.e2e_stack import Stack
 from tests.support.mailstack import require_mail_stack
@@ -28,6 +30,8 @@ pytestmark = pytest.mark.e2e
 CORPUS = load_corpus()
 # Left as the original entity whatever the setting: nothing to copy, or an ambiguous type.
 UNPROTECTABLE = {"clear-no-headers.eml", "clear-duplicate-content-type.eml"}
+
+LOOKUP_CACHE = KeystoreConfig().lookup_cache
 
 
 @pytest.fixture(scope="module", params=["lmtp", "content_filter"])
@@ -142,6 +146,9 @@ def test_each_address_gets_its_own_choice_set_by_the_admin_command(
     assert b"Subject: quarterly numbers" in copied
     done = stack.filter.command("keys", "protect", "alice@example.test", "default")
     assert done.returncode == 0 and "off (the default)" in done.stdout
+    # The running filter kept Alice's keys and setting; the change reaches it within
+    # keystore.lookup_cache (1 s by default).
+    time.sleep(LOOKUP_CACHE + 0.1)
     fresh(stack, "alice@example.test")
     send(stack, ["alice@example.test"], message)
     (stored,) = stack.dovecot.wait_for("alice@example.test", 1)

@@ -24,7 +24,9 @@ from gpgfilter.mail.lookup import StoreLookup
 from gpgfilter.process.config import Endpoint, PolicyConfig
 from gpgfilter.process.metrics import Metrics
 from keystore.model import Binding, StoredKey
+from keystore.storage.sqlite import SQLiteKeyStore
 from keystore.store import StoreError, StoreUnavailable
+from keystore.validate import validate_key
 from tests.support.e2e_stack import FilterProcess
 from tests.support.fakes import Downstream, FakeDeliverer, FakeEngine, FakeLookup, stored_key
 from tests.support.mailstack import free_port
@@ -48,6 +50,9 @@ class HangingStore:
         self.asked.append(address)
         self.release.wait(30)
         return []
+
+    def change_token(self) -> str:
+        return "unchanged"
 
     def bindings(self) -> list[Binding]:
         self.release.wait(30)
@@ -239,6 +244,7 @@ async def test_a_frozen_postgresql_defers_one_recipient_and_the_filter_keeps_ans
         deliver_port=downstream.port,
         extra_yaml=(
             f"keystore:\n  backend: postgresql\n  dsn: {postgres_dsn}\n  lookup_timeout: {BOUND}\n"
+            "  lookup_cache: 0\n"  # every message asks the store: this test freezes it
         ),
     )
     client = MailClient(Endpoint("127.0.0.1", process.port), lmtp=True, helo="t", timeout=60)
@@ -295,3 +301,103 @@ async def test_a_frozen_postgresql_defers_one_recipient_and_the_filter_keeps_ans
         await client.close()
         await asyncio.to_thread(process.stop)
         await downstream.stop()
+
+
+# -- what the filter keeps between lookups ------------------------------------------------------
+
+
+class CountingStore:
+    """A real SQLite store, counting what the filter asks of it."""
+
+    def __init__(self, path: Path) -> None:
+        self.store = SQLiteKeyStore(path, create=True)
+        self.asked: list[str] = []
+
+    def keys_for(self, address: str) -> list[StoredKey]:
+        self.asked.append(address)
+        return self.store.keys_for(address)
+
+    def change_token(self) -> str:
+        return self.store.change_token()
+
+    def bindings(self) -> list[Binding]:
+        return self.store.bindings()
+
+    def close(self) -> None:
+        self.store.close()
+
+
+async def test_an_enrolled_address_is_asked_once_until_the_store_changes(
+    tmp_path: Path, alice: TestKey, bob: TestKey
+) -> None:
+    counting = CountingStore(tmp_path / "k.sqlite")
+    # The key service, another process, writes through a connection of its own.
+    service = SQLiteKeyStore(tmp_path / "k.sqlite", create=False)
+    service.bind(alice.address, validate_key(alice.public).key)
+    lookup = StoreLookup(counting, timeout=5, cache_seconds=0.3)
+    try:
+        first = await lookup.keys_for(alice.address)
+        assert [k.fingerprint for k in first] == [alice.fingerprint]
+        assert await lookup.keys_for(alice.address) is first
+        assert counting.asked == [alice.address], "the second lookup came from the cache"
+
+        # A key registered a moment ago: an address without a key is never kept.
+        assert await lookup.keys_for(bob.address) == []
+        service.bind(bob.address, validate_key(bob.public).key)
+        assert [k.fingerprint for k in await lookup.keys_for(bob.address)] == [bob.fingerprint]
+        assert counting.asked == [alice.address, bob.address, bob.address]
+
+        # Bob's new key changed the token: what was kept went, Alice is asked again.
+        assert [k.fingerprint for k in await lookup.keys_for(alice.address)] == [alice.fingerprint]
+        assert counting.asked[-1] == alice.address
+
+        # A change to a kept key reaches the filter once cache_seconds have passed...
+        service.revoke(alice.fingerprint)
+        assert not (await lookup.keys_for(alice.address))[0].revoked, "within the bound"
+        await asyncio.sleep(0.35)
+        assert (await lookup.keys_for(alice.address))[0].revoked
+        # ...and the changed token dropped every kept address, Bob's too.
+        asked = len(counting.asked)
+        await lookup.keys_for(bob.address)
+        assert len(counting.asked) == asked + 1
+
+        # Past the bound with nothing changed: one lookup reads the token, the rest is kept.
+        await asyncio.sleep(0.35)
+        await lookup.keys_for(alice.address)
+        asked = len(counting.asked)
+        await lookup.keys_for(bob.address)
+        await lookup.keys_for(alice.address)
+        assert len(counting.asked) == asked
+    finally:
+        service.close()
+        await lookup.close()
+
+
+async def test_with_no_cache_every_lookup_asks_the_store(tmp_path: Path, alice: TestKey) -> None:
+    counting = CountingStore(tmp_path / "k.sqlite")
+    counting.store.bind(alice.address, validate_key(alice.public).key)
+    lookup = StoreLookup(counting, timeout=5, cache_seconds=0)
+    try:
+        for _ in range(3):
+            assert len(await lookup.keys_for(alice.address)) == 1
+        assert counting.asked == [alice.address] * 3
+    finally:
+        await lookup.close()
+
+
+async def test_the_cache_holds_at_most_its_bytes(
+    tmp_path: Path, alice: TestKey, bob: TestKey
+) -> None:
+    counting = CountingStore(tmp_path / "k.sqlite")
+    counting.store.bind(alice.address, validate_key(alice.public).key)
+    counting.store.bind(bob.address, validate_key(bob.public).key)
+    size = len(counting.store.keys_for(alice.address)[0].key_data)
+    lookup = StoreLookup(counting, timeout=5, cache_seconds=60, cache_bytes=size + 10)
+    try:
+        await lookup.keys_for(alice.address)
+        await lookup.keys_for(bob.address)  # does not fit beside Alice's: she is let go
+        await lookup.keys_for(bob.address)
+        await lookup.keys_for(alice.address)
+        assert counting.asked == [alice.address, bob.address, alice.address]
+    finally:
+        await lookup.close()

@@ -14,6 +14,7 @@ import pytest
 from gpgfilter.process.config import KeystoreConfig
 from keystore.model import AddressSettings, AuditEntry, PendingChange
 from keystore.storage.migrations import SCHEMA_VERSION
+from keystore.storage.open import open_store
 from keystore.storage.sqlite import SQLiteKeyStore
 from keystore.store import PRUNE_EVERY, KeyStore, KeyWasRevoked, StoreError
 from keystore.validate import validate_key
@@ -79,6 +80,7 @@ def test_a_version_2_sqlite_store_keeps_its_revocations_forever(
         conn.execute("DROP TABLE address_settings")  # and what later versions added
         conn.execute("ALTER TABLE pending DROP COLUMN header_protection")
         conn.execute("ALTER TABLE pending DROP COLUMN encrypt_existing")
+        _drop_change_token(conn)
         conn.execute("UPDATE keys SET revoked = 1")
         conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
     store = SQLiteKeyStore(path)
@@ -90,12 +92,22 @@ def test_a_version_2_sqlite_store_keeps_its_revocations_forever(
     store.close()
 
 
+def _drop_change_token(conn: sqlite3.Connection) -> None:
+    """Undo version 6: the change token and the triggers that keep it."""
+    triggers = conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall()
+    assert ("keys_insert_changes",) in triggers
+    for (name,) in triggers:
+        conn.execute(f"DROP TRIGGER {name}")
+    conn.execute("DROP TABLE key_changes")
+
+
 def test_an_older_sqlite_store_is_upgraded_and_a_newer_one_refused(tmp_path: Path) -> None:
     path = tmp_path / "k.sqlite"
     SQLiteKeyStore(path, create=True).close()
     with sqlite3.connect(path) as conn:
         for table in ("pending", "audit", "events", "notices", "revoked", "address_settings"):
             conn.execute(f"DROP TABLE {table}")
+        _drop_change_token(conn)
         conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     store = SQLiteKeyStore(path)
     assert store.pending_for("a@x.test", 0) == []
@@ -160,3 +172,47 @@ def test_a_pending_change_carries_the_owners_choice(store: KeyStore, alice: Test
     assert store.pending_for("alice@example.test", 1500)[0].header_protection == "hide-subject"
     taken = store.take_pending("a" * 64, 1500)
     assert taken is not None and taken.header_protection == "hide-subject"
+
+
+def test_every_write_a_lookup_can_see_changes_the_token_and_nothing_else_does(
+    store: KeyStore, keystore_config: KeystoreConfig, tmp_path: Path, alice: TestKey, bob: TestKey
+) -> None:
+    """The filter keeps lookups while the token stands still: a write that changes what
+    ``keys_for`` returns and leaves the token alone would keep mail going to an old key."""
+    alice_key = validate_key(alice.public).key
+    # Another process writing (the key service): the token is the database's, not a count
+    # of this object's own writes.
+    writer = open_store(keystore_config, tmp_path / "k.sqlite", create=False)
+    seen = [store.change_token()]
+
+    def changed() -> bool:
+        token = store.change_token()
+        fresh = token not in seen
+        seen.append(token)
+        return fresh
+
+    assert store.change_token() == seen[0], "reading changes nothing"
+    writer.bind("alice@example.test", alice_key)
+    assert changed()
+    writer.bind("bob@example.test", validate_key(bob.public).key, replace=False)
+    assert changed()
+    writer.set_header_protection("alice@example.test", "copy")
+    assert changed()
+    writer.revoke(alice.fingerprint)
+    assert changed()
+    assert writer.remove("bob@example.test") == 1
+    assert changed()
+    # What the filter never reads leaves the token alone.
+    writer.add_pending(_pending(alice, "b" * 64))
+    writer.record_audit(
+        AuditEntry(
+            at=1000,
+            address="alice@example.test",
+            action="registered",
+            fingerprint=alice.fingerprint,
+            actor="cli",
+        )
+    )
+    writer.hit("address:alice@example.test", 1000, 3600, 10)
+    assert not changed()
+    writer.close()

@@ -54,16 +54,22 @@ def to_wire(data: bytes) -> bytes:
     return wire_body(data) + b".\r\n"
 
 
-def wire_body(data: bytes) -> bytes:
-    """``data`` with CRLF line endings and dot-stuffing, without the final dot line.
+def crlf_lines(data: bytes) -> bytes:
+    """``data`` with CRLF line endings, ending with one: the form both DATA and BDAT carry.
 
-    Copies the data only where it must change: a 30 MB ciphertext in CRLF form with no line
-    starting with a dot is passed through as the same object.
+    Copies the data only where it must change: a 30 MB ciphertext in CRLF form is passed
+    through as the same object.
     """
     if data.count(b"\n") != data.count(b"\r\n"):  # two C scans beat a regex over the data
         data = _BARE_LF.sub(b"\r\n", data)
     if not data.endswith(b"\r\n"):
         data += b"\r\n"
+    return data
+
+
+def wire_body(data: bytes) -> bytes:
+    """``data`` with CRLF line endings and dot-stuffing, without the final dot line."""
+    data = crlf_lines(data)
     if data.startswith(b"."):
         data = b"." + data
     if b"\r\n." in data:
@@ -121,16 +127,15 @@ class MailClient:
         replies: list[Reply | None] = [None] * len(recipients)
         fallback = UNAVAILABLE
         try:
-            await asyncio.wait_for(
-                self._transaction(
+            # A deadline on this task, not wait_for's task of its own: one fewer per message.
+            async with asyncio.timeout(self.timeout):
+                await self._transaction(
                     mail_from,
                     recipients,
                     (data,) if isinstance(data, bytes) else data,
                     smtputf8,
                     replies,
-                ),
-                self.timeout,
-            )
+                )
         except _Refused as refused:
             fallback = refused.reply
         except (OSError, asyncio.IncompleteReadError, TimeoutError, EOFError):
@@ -223,6 +228,11 @@ class MailClient:
             options.append(f"SIZE={sum(len(part) for part in data)}")
         reset = session.used
         session.used = True
+        if "CHUNKING" in extensions and "PIPELINING" in extensions:
+            await self._exchange_chunked(
+                session, reset, options, mail_from, recipients, data, replies
+            )
+            return
         commands = ["RSET"] if reset else []
         commands.append(" ".join((f"MAIL FROM:<{mail_from}>", *options)))
         commands += [f"RCPT TO:<{recipient}>" for recipient in recipients]
@@ -296,6 +306,92 @@ class MailClient:
             final = await session.read_reply()
             for index in accepted:
                 replies[index] = final
+
+    async def _exchange_chunked(
+        self,
+        session: _Session,
+        reset: bool,
+        options: list[str],
+        mail_from: str,
+        recipients: Sequence[str],
+        data: Sequence[bytes],
+        replies: list[Reply | None],
+    ) -> None:
+        """The transaction with BDAT (RFC 3030) instead of DATA: the envelope, the command and
+        the message go out together, with no wait for a 354 and no dot-stuffing. Dovecot's LMTP
+        and Postfix's smtpd both offer it; it saves the downstream and us a round trip, a
+        write and a wake-up per message. In LMTP the reply to ``BDAT LAST`` is one reply per
+        accepted recipient, as after DATA (RFC 2033 section 4.2).
+
+        On a reused connection the reply to the leading RSET still tells a connection the
+        server closed meanwhile (nothing was accepted on it, so a fresh one takes over); only
+        the first 256 KB of a message go out before that reply has come.
+        """
+        body = [crlf_lines(part) for part in data]
+        size = sum(len(part) for part in body)
+        commands = ["RSET"] if reset else []
+        commands.append(" ".join((f"MAIL FROM:<{mail_from}>", *options)))
+        commands += [f"RCPT TO:<{recipient}>" for recipient in recipients]
+        commands.append(f"BDAT {size} LAST")
+        head = "".join(f"{command}\r\n" for command in commands).encode("utf-8")
+        chunks = _chunks(body)
+        # The envelope, the command and the start of the message in one write.
+        first: list[bytes | memoryview] = [head]
+        sent, room = 0, _WRITE_CHUNK
+        while sent < len(chunks) and len(chunks[sent]) <= room:
+            room -= len(chunks[sent])
+            first.append(chunks[sent])
+            sent += 1
+        try:
+            session.writer.writelines(first)
+            await session.writer.drain()
+            if reset:
+                answer = await session.read_reply()
+                if not answer.ok:
+                    raise _StaleConnection
+        except (OSError, EOFError, asyncio.IncompleteReadError) as error:
+            if reset:
+                raise _StaleConnection from error
+            raise
+        for chunk in chunks[sent:]:
+            session.writer.write(chunk)
+            await session.writer.drain()
+        mail = await session.read_reply()
+        accepted: list[int] = []
+        for index in range(len(recipients)):
+            reply = await session.read_reply()
+            if not mail.ok:
+                continue
+            if reply.ok:
+                accepted.append(index)
+            else:
+                replies[index] = reply
+        if not mail.ok:
+            await session.read_reply()  # BDAT, refused: no transaction
+            replies[:] = [mail] * len(recipients)
+            return
+        if not accepted:
+            await session.read_reply()  # BDAT, refused: no recipient
+            return
+        if self.lmtp:
+            for index in accepted:
+                replies[index] = await session.read_reply()
+        else:
+            final = await session.read_reply()
+            for index in accepted:
+                replies[index] = final
+
+
+def _chunks(body: Sequence[bytes]) -> list[bytes | memoryview]:
+    """The pieces of ``body`` in slices of at most ``_WRITE_CHUNK`` bytes, without copying."""
+    chunks: list[bytes | memoryview] = []
+    for part in body:
+        if len(part) <= _WRITE_CHUNK:
+            chunks.append(part)
+        else:
+            view = memoryview(part)
+            chunks += [view[o : o + _WRITE_CHUNK] for o in range(0, len(part), _WRITE_CHUNK)]
+    return chunks
 
 
 class _StaleConnection(Exception):

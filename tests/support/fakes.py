@@ -117,9 +117,50 @@ class Delivery:
     mail_options: list[str]
 
 
+class _Chunking(SMTP):
+    """BDAT (RFC 3030), which aiosmtpd lacks, as Dovecot's LMTP and Postfix's smtpd answer
+    it: the chunk is always read; after ``BDAT n LAST`` the transaction ends as after DATA
+    (one reply per recipient in LMTP), or with a single refusal when there is no MAIL or no
+    accepted recipient."""
+
+    _chunks: bytes = b""
+
+    async def smtp_BDAT(self, arg: str | None) -> None:
+        words = (arg or "").split()
+        if not words or not words[0].isdigit() or len(words) > 2:
+            await self.push("501 5.5.4 Syntax: BDAT size [LAST]")
+            return
+        self._chunks += await self._reader.readexactly(int(words[0]))
+        if words[1:] != ["LAST"]:
+            await self.push(f"250 2.0.0 {words[0]} octets received")
+            return
+        content, self._chunks = self._chunks, b""
+        assert self.envelope is not None
+        if self.envelope.mail_from is None:
+            await self.push("503 5.5.1 MAIL needed first")
+            return
+        if not self.envelope.rcpt_tos:
+            await self.push("554 5.5.1 No valid recipients")
+            return
+        self.envelope.content = self.envelope.original_content = content
+        self.event_handler.chunked += 1
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push(status)
+
+
+class _ChunkingSMTP(_Chunking):
+    pass
+
+
+class _ChunkingLMTP(_Chunking, LMTP):
+    pass
+
+
 @dataclass
 class Downstream:
-    """Records what it receives; ``codes`` maps a recipient to the reply it gets after DATA."""
+    """Records what it receives; ``codes`` maps a recipient to the reply it gets after DATA.
+    With ``chunking`` it also offers CHUNKING (BDAT), as Dovecot and Postfix do."""
 
     lmtp: bool = True
     codes: dict[str, str] = field(default_factory=dict)
@@ -131,6 +172,8 @@ class Downstream:
     pipelining: bool = True
     mail_code: str = ""
     connections: list[SMTP] = field(default_factory=list)
+    chunking: bool = False
+    chunked: int = 0  # transactions that ended with BDAT LAST
 
     async def handle_EHLO(
         self,
@@ -142,9 +185,9 @@ class Downstream:
     ) -> list[str]:
         self.hellos += 1
         session.host_name = hostname
-        if self.pipelining:  # aiosmtpd handles pipelined commands but does not say so
-            return [*responses[:-1], "250-PIPELINING", *responses[-1:]]
-        return responses
+        offered = ["250-PIPELINING"] if self.pipelining else []  # aiosmtpd does not say so
+        offered += ["250-CHUNKING"] if self.chunking else []
+        return [*responses[:-1], *offered, *responses[-1:]]
 
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -185,7 +228,10 @@ class Downstream:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        cls = LMTP if self.lmtp else SMTP
+        if self.chunking:
+            cls: type[SMTP] = _ChunkingLMTP if self.lmtp else _ChunkingSMTP
+        else:
+            cls = LMTP if self.lmtp else SMTP
 
         def factory() -> SMTP:
             protocol = cls(self, enable_SMTPUTF8=True, decode_data=False, loop=loop)

@@ -19,9 +19,9 @@ import hashlib
 import logging
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 from gpgfilter.mail import protect, storedcopy
 from gpgfilter.mail.classify import Verdict, classify
@@ -35,6 +35,8 @@ from keystore.model import HeaderProtection
 from keystore.store import KeyLookup, StoreError, StoreUnavailable
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 TEMPORARY_FAILURE = Reply(451, "4.3.0 Temporary failure, try again later")
 NO_KEY_DEFERRED = Reply(451, "4.7.1 No encryption key is registered for this recipient yet")
@@ -160,9 +162,7 @@ class MailFilter:
         verdict = classify(message)
         report = _Report(_queue_id(message), len(envelope.content), verdict, started)
         self.metrics.message_bytes.observe(report.size)
-        decisions = list(
-            await asyncio.gather(*(self._decide(r, verdict) for r in envelope.recipients))
-        )
+        decisions = await _together([self._decide(r, verdict) for r in envelope.recipients])
         if not self.all_or_nothing:
             replies = await self._encrypt_and_deliver(message, envelope, decisions, report)
         else:
@@ -303,7 +303,7 @@ class MailFilter:
             for i, d in enumerate(decisions)
             if d.reply is None and d.recipient is not None
         ]
-        await asyncio.gather(*tasks)
+        await _together(tasks)
         return [r or TEMPORARY_FAILURE for r in replies]
 
     async def _encrypt(self, inner: Plaintext, recipient: Recipient) -> bytes:
@@ -405,6 +405,14 @@ class _Layouts:
         if mode not in self.made:
             self.made[mode] = protect.layout(self.message, mode)
         return self.made[mode]
+
+
+async def _together(work: list[Coroutine[Any, Any, _T]]) -> list[_T]:
+    """``asyncio.gather``, without its task per coroutine when there is only one (most mail
+    has a single recipient)."""
+    if len(work) == 1:
+        return [await work[0]]
+    return list(await asyncio.gather(*work))
 
 
 def _needs_smtputf8(envelope: Envelope, indexes: list[int]) -> bool:

@@ -42,7 +42,8 @@ async def encrypt_checked(
 ) -> bytes:
     """The engine's armored ciphertext of ``inner``, bounded in time and read back: never
     trust an engine's word (raises EngineError or TimeoutError)."""
-    armored = await asyncio.wait_for(engine.encrypt(inner, recipient), timeout)
+    async with asyncio.timeout(timeout):  # no task of its own, unlike wait_for
+        armored = await engine.encrypt(inner, recipient)
     check_ciphertext(armored, recipient)
     return armored
 

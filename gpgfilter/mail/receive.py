@@ -36,6 +36,12 @@ _LINE_LIMIT = 1 << 20
 # a log line or the downstream's command.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
+# A path as Postfix writes nearly every one: ``<dot-atom@domain>`` and maybe parameters.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_PLAIN_PATH = re.compile(
+    rf"<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>(.*)", re.DOTALL
+)
+
 _END = b".\r\n"
 # Replies held back for one write (see ``_BoundedData.push``), at most this many bytes.
 _UNSENT_LIMIT = 1 << 16
@@ -195,6 +201,19 @@ class _BoundedData(SMTP):
             release, self.release_slot = self.release_slot, None
             if release is not None:
                 release()
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """aiosmtpd's answer, without its RFC 5322 parser (a tenth of the filter's time per
+        message went there) for the plain paths Postfix sends; anything else still goes to
+        it. A property test holds the two to the same answers."""
+        found = _PLAIN_PATH.fullmatch(arg.lstrip()) if arg else None
+        rest = found.group(2).lstrip(" \t") if found else ""
+        if found is None or rest.startswith("("):  # a comment: the full parser's business
+            return super()._getaddr(arg)
+        address = found.group(1)
+        if self.local_part_limit and address.rindex("@") > self.local_part_limit:
+            return None, None
+        return address, rest
 
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:

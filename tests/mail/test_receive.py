@@ -6,11 +6,14 @@ commands after it stay unread, and the size and line limits trip exactly when th
 from __future__ import annotations
 
 import asyncio
+import functools
+from collections.abc import Callable
 
+from aiosmtpd.smtp import SMTP
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from gpgfilter.mail.receive import DataReader, read_data
+from gpgfilter.mail.receive import DataReader, _SMTPServer, read_data
 
 END = b"\r\n.\r\n"
 PIPELINED = b"MAIL FROM:<next@example.test>\r\nQUIT\r\n"
@@ -111,3 +114,40 @@ def test_a_line_longer_than_the_buffer_is_counted_across_pieces() -> None:
     data = DataReader(max_size=1000, line_limit=51)  # the CR counts: 51 bytes before the LF
     run_reader(stream, [7, 33], 8, data)
     assert not data.refused and data.content.getvalue() == stream[:-3]
+
+
+# -- envelope paths: the fast reading of plain paths answers as aiosmtpd's parser does ------
+
+_PATH_PIECES = st.sampled_from(
+    ["<", ">", "@", ".", " ", "\t", "(", ")", '"', "\\", "[", "]", ",", ":", ";", "+", "=",
+     "a", "Z", "0", "-", "_", "é", "example", "test", "SIZE=10", "BODY=8BITMIME"]
+)  # fmt: skip
+
+
+def _outcome(read: Callable[[str], object], arg: str) -> object:
+    """What ``read`` answers, or the kind of error it raises (aiosmtpd's parser raises
+    IndexError on a lone "<": the fast path must leave such input to it)."""
+    try:
+        return read(arg)
+    except Exception as error:
+        return type(error)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(_PATH_PIECES, max_size=14).map("".join))
+@example("<alice@example.test> SIZE=10 BODY=8BITMIME")
+@example("<a.b+c@d-e.example>SIZE=1")
+@example("<>")
+@example("<a..b@c>")
+@example("<a@b> (comment) SIZE=1")
+@example(" <a@b>  ")
+def test_plain_paths_are_read_as_aiosmtpd_reads_them(arg: str) -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        for limit in (0, 3):
+            server = _SMTPServer(object(), loop=loop)
+            server.local_part_limit = limit
+            reference = functools.partial(SMTP._getaddr, server)
+            assert _outcome(server._getaddr, arg) == _outcome(reference, arg)
+    finally:
+        loop.close()

@@ -34,6 +34,8 @@ DOMAIN = "example.test"
 SENDER = f"sender@{DOMAIN}"
 # smtp-source numbers the recipients of a transaction: 1r@, 2r@, ... (just r@ for one).
 RECIPIENTS = [f"{prefix}r@{DOMAIN}" for prefix in ("", "1", "2", "3")]
+# Postfix's own measure of each delivery, from arrival to the next hop's final reply.
+_DELAY = re.compile(r" to=<[^>]*>, .*? delay=([\d.]+), .* status=sent ")
 _LOG_LINE = re.compile(r"message queue_id=\S+ .* ms=([\d.]+) encrypt_ms=[\d.]+ deliver_ms=([\d.]+)")
 
 
@@ -132,6 +134,7 @@ def main() -> None:
     total: dict[tuple[int, int], list[float]] = {}
     # CPU ms per message by stack, case and component (postfix, dovecot, filter).
     parts: dict[tuple[str, int, int, str], list[float]] = {}
+    delays: dict[tuple[str, int, int], list[float]] = {}
     with (
         contextlib.ExitStack() as cleanup,
         tempfile.TemporaryDirectory(prefix="gpgfilter-bench-") as tmp,
@@ -178,6 +181,7 @@ def main() -> None:
                 count = args.messages // rcpts
                 for name, stack in (("direct", direct), ("lmtp", filtered)):
                     log_mark = len(filtered.filter.log())
+                    postfix_mark = len(stack.postfix.log())
                     cpu_before = cpu_seconds(filtered.filter.pid)
                     used_before = {p: g.seconds() for p, g in groups.get(name, {}).items()}
                     seconds = run_load(
@@ -189,6 +193,9 @@ def main() -> None:
                         wait=args.wait,
                     )
                     rates.setdefault((name, size, rcpts), []).append(count / seconds)
+                    delays.setdefault((name, size, rcpts), []).extend(
+                        float(d) * 1000 for d in _DELAY.findall(stack.postfix.log()[postfix_mark:])
+                    )
                     for part, group in groups.get(name, {}).items():
                         used_ms = (group.seconds() - used_before[part]) * 1000 / count
                         parts.setdefault((name, size, rcpts, part), []).append(used_ms)
@@ -235,6 +242,23 @@ def main() -> None:
                     rates[("direct", size, rcpts)], rates[("lmtp", size, rcpts)], strict=True
                 )
             )
+        )
+    print()
+    print("Latency end to end (Postfix's delay= for each delivery: arrival to the final reply")
+    print("of the next hop; 10 ms resolution), ms:")
+    print(
+        f"{'size':>6} {'rcpts':>5} {'no filter p50/p99':>18} {'gpgfilter p50/p99':>18}"
+        f" {'added p50/p99':>14}"
+    )
+    for size, rcpts in cases:
+        direct_ms = delays.get(("direct", size, rcpts)) or [0.0]
+        filter_ms = delays.get(("lmtp", size, rcpts)) or [0.0]
+        p50 = (percentile(direct_ms, 0.5), percentile(filter_ms, 0.5))
+        p99 = (percentile(direct_ms, 0.99), percentile(filter_ms, 0.99))
+        print(
+            f"{size // 1024:>4}KB {rcpts:>5} {p50[0]:>8.0f}/{p99[0]:<9.0f}"
+            f" {p50[1]:>8.0f}/{p99[1]:<9.0f}"
+            f" {p50[1] - p50[0]:>6.0f}/{p99[1] - p99[0]:<7.0f}"
         )
     if parts:
         print()

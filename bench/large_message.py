@@ -50,7 +50,7 @@ async def run(megabytes: int, rcpts: int, concurrent: int) -> None:
     with tempfile.TemporaryDirectory() as tmp, KeyFactory(Path(tmp) / "keys") as keys:
         root = Path(tmp)
         addresses = [f"r{n}@example.test" for n in range(rcpts)]
-        sink = Downstream(lmtp=True)
+        sink = Downstream(lmtp=True, chunking=True)  # BDAT, as Dovecot and Postfix offer
         await sink.start()
         port = free_port()
         filter_process = FilterProcess(

@@ -257,13 +257,7 @@ class MailClient:
             return
         accepted: list[int] = []
         for index, recipient in enumerate(recipients):
-            reply = await answer(f"RCPT TO:<{recipient}>")
-            if not mail.ok:
-                continue
-            if reply.ok:
-                accepted.append(index)
-            else:
-                replies[index] = reply
+            _sort_rcpt(mail, await answer(f"RCPT TO:<{recipient}>"), index, accepted, replies)
         if not mail.ok:
             replies[:] = [mail] * len(recipients)
             if answers:
@@ -299,13 +293,7 @@ class MailClient:
         pending.append(b".\r\n")
         session.writer.writelines(pending)
         await session.writer.drain()
-        if self.lmtp:
-            for index in accepted:
-                replies[index] = await session.read_reply()
-        else:
-            final = await session.read_reply()
-            for index in accepted:
-                replies[index] = final
+        await self._final_replies(session, accepted, replies)
 
     async def _exchange_chunked(
         self,
@@ -359,13 +347,7 @@ class MailClient:
         mail = await session.read_reply()
         accepted: list[int] = []
         for index in range(len(recipients)):
-            reply = await session.read_reply()
-            if not mail.ok:
-                continue
-            if reply.ok:
-                accepted.append(index)
-            else:
-                replies[index] = reply
+            _sort_rcpt(mail, await session.read_reply(), index, accepted, replies)
         if not mail.ok:
             await session.read_reply()  # BDAT, refused: no transaction
             replies[:] = [mail] * len(recipients)
@@ -373,6 +355,13 @@ class MailClient:
         if not accepted:
             await session.read_reply()  # BDAT, refused: no recipient
             return
+        await self._final_replies(session, accepted, replies)
+
+    async def _final_replies(
+        self, session: _Session, accepted: list[int], replies: list[Reply | None]
+    ) -> None:
+        """After the end of data: one reply per accepted recipient in LMTP, one for all in
+        SMTP."""
         if self.lmtp:
             for index in accepted:
                 replies[index] = await session.read_reply()
@@ -380,6 +369,19 @@ class MailClient:
             final = await session.read_reply()
             for index in accepted:
                 replies[index] = final
+
+
+def _sort_rcpt(
+    mail: Reply, reply: Reply, index: int, accepted: list[int], replies: list[Reply | None]
+) -> None:
+    """File the reply to one RCPT: accepted, or that recipient's final answer. After a
+    refused MAIL every reply is moot (the MAIL reply answers for all)."""
+    if not mail.ok:
+        return
+    if reply.ok:
+        accepted.append(index)
+    else:
+        replies[index] = reply
 
 
 def _chunks(body: Sequence[bytes]) -> list[bytes | memoryview]:

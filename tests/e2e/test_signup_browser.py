@@ -32,7 +32,7 @@ from tests.support.keyserver_harness import (
     running_keyserver,
 )
 from tests.support.mailstack import require_mail_stack
-from tests.support.openpgp_tools import TestKey, decrypt_gpg
+from tests.support.openpgp_tools import TestKey, decrypt_gpg, stop_gpg_daemons
 from tests.support.pgpmime_check import armored_part
 
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -143,7 +143,10 @@ def _key_from_browser(private: Path, address: str, home: Path) -> TestKey:
 
 async def test_signup_with_a_key_made_in_the_browser(served: Served, tmp_path: Path) -> None:
     chromium = _need_browser()
-    await asyncio.to_thread(_signup, chromium, served, tmp_path)
+    try:
+        await asyncio.to_thread(_signup, chromium, served, tmp_path)
+    finally:
+        stop_gpg_daemons(tmp_path / "gnupg")  # the agent of the user's own gpg home
 
 
 def _signup(chromium: str, served: Served, tmp_path: Path) -> None:

@@ -4,7 +4,9 @@ validated and bound to its user IDs in the served domains, through the registry'
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 from click.testing import CliRunner
@@ -12,21 +14,26 @@ from click.testing import CliRunner
 from gpgfilter.process.cli import main
 from gpgfilter.process.config import load
 from keystore.storage.open import open_store
-from tests.support.openpgp_tools import KeyFactory, TestKey
+from tests.support.openpgp_tools import KeyFactory, TestKey, stop_gpg_daemons
 
 
-def _keyring(tmp_path: Path, keys: list[TestKey]) -> Path:
-    """One GnuPG home holding every public key, as zeyple or gpg-mailgate keep theirs."""
+@contextlib.contextmanager
+def _keyring(tmp_path: Path, keys: list[TestKey]) -> Iterator[Path]:
+    """One GnuPG home holding every public key, as zeyple or gpg-mailgate keep theirs; the
+    agent gpg starts in it is stopped afterwards."""
     home = tmp_path / "theirs"
     home.mkdir(mode=0o700)
-    for key in keys:
-        subprocess.run(
-            ["gpg", "--homedir", str(home), "--batch", "--import"],
-            input=key.public,
-            capture_output=True,
-            check=True,
-        )
-    return home
+    try:
+        for key in keys:
+            subprocess.run(
+                ["gpg", "--homedir", str(home), "--batch", "--import"],
+                input=key.public,
+                capture_output=True,
+                check=True,
+            )
+        yield home
+    finally:
+        stop_gpg_daemons(home)
 
 
 def test_a_keyring_is_imported_key_by_key_with_a_report(
@@ -36,40 +43,40 @@ def test_a_keyring_is_imported_key_by_key_with_a_report(
     revoked = key_factory.make_revoked("gone@example.test")
     foreign = key_factory.make("someone@elsewhere.test")
     two = key_factory.make_multi_uid(["carol@example.test", "c.smith@example.test"])
-    home = _keyring(tmp_path, [alice, bob, expired, revoked, foreign, two])
-    config = tmp_path / "gpgfilter.yaml"
-    config.write_text(f"data_dir: {tmp_path / 'data'}\ndomains: [example.test]\n")
-    runner = CliRunner()
-    command = ["-c", str(config), "keys", "import", "--gnupg-home", str(home)]
+    with _keyring(tmp_path, [alice, bob, expired, revoked, foreign, two]) as home:
+        config = tmp_path / "gpgfilter.yaml"
+        config.write_text(f"data_dir: {tmp_path / 'data'}\ndomains: [example.test]\n")
+        runner = CliRunner()
+        command = ["-c", str(config), "keys", "import", "--gnupg-home", str(home)]
 
-    dry = runner.invoke(main, [*command, "--dry-run"])
-    assert dry.exit_code == 1, dry.output
-    assert "(dry run: nothing changed)" in dry.output
-    assert not (tmp_path / "data" / "keys.sqlite").exists()
+        dry = runner.invoke(main, [*command, "--dry-run"])
+        assert dry.exit_code == 1, dry.output
+        assert "(dry run: nothing changed)" in dry.output
+        assert not (tmp_path / "data" / "keys.sqlite").exists()
 
-    done = runner.invoke(main, command)
-    assert done.exit_code == 1, done.output  # some keys refused, the others imported
-    lines = done.output.splitlines()
-    assert f"{alice.fingerprint} registered for alice@example.test" in lines
-    assert f"{bob.fingerprint} registered for bob@example.test" in lines
-    assert f"{two.fingerprint} registered for carol@example.test" in lines
-    assert f"{two.fingerprint} registered for c.smith@example.test" in lines
-    assert any(line.startswith(f"{expired.fingerprint} refused: ") for line in lines)
-    assert f"{revoked.fingerprint} refused: the key is revoked" in lines
-    assert any(line.startswith(f"{foreign.fingerprint} refused: no user ID") for line in lines)
-    assert lines[-1] == "6 key(s): 3 refused, 4 registered"
+        done = runner.invoke(main, command)
+        assert done.exit_code == 1, done.output  # some keys refused, the others imported
+        lines = done.output.splitlines()
+        assert f"{alice.fingerprint} registered for alice@example.test" in lines
+        assert f"{bob.fingerprint} registered for bob@example.test" in lines
+        assert f"{two.fingerprint} registered for carol@example.test" in lines
+        assert f"{two.fingerprint} registered for c.smith@example.test" in lines
+        assert any(line.startswith(f"{expired.fingerprint} refused: ") for line in lines)
+        assert f"{revoked.fingerprint} refused: the key is revoked" in lines
+        assert any(line.startswith(f"{foreign.fingerprint} refused: no user ID") for line in lines)
+        assert lines[-1] == "6 key(s): 3 refused, 4 registered"
 
-    again = runner.invoke(main, command)
-    assert again.output.splitlines()[-1] == "6 key(s): 3 refused, 4 unchanged"
+        again = runner.invoke(main, command)
+        assert again.output.splitlines()[-1] == "6 key(s): 3 refused, 4 unchanged"
 
-    loaded = load(config)
-    store = open_store(loaded.keystore, loaded.keystore_path, create=False)
-    try:
-        audit = store.audit_log(None, 100)
-    finally:
-        store.close()
-    assert len(audit) == 4
-    assert {entry.actor for entry in audit} == {"cli"}
+        loaded = load(config)
+        store = open_store(loaded.keystore, loaded.keystore_path, create=False)
+        try:
+            audit = store.audit_log(None, 100)
+        finally:
+            store.close()
+        assert len(audit) == 4
+        assert {entry.actor for entry in audit} == {"cli"}
 
 
 def test_standard_input_with_many_keys(tmp_path: Path, alice: TestKey, bob: TestKey) -> None:

@@ -132,6 +132,18 @@ def _usable_encryption_subkeys(records: list[list[str]]) -> tuple[str, ...]:
     return tuple(found)
 
 
+def stop_gpg_daemons(home: Path) -> None:
+    """Stop the gpg-agent (and dirmngr) that gpg may have started in ``home``: they outlive
+    the test otherwise."""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        subprocess.run(
+            ["gpgconf", "--homedir", str(home), "--kill", "all"],
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+
+
 class KeyFactory:
     """Makes keys in homedirs under ``root``; ``close()`` stops the gpg-agents they started."""
 
@@ -158,13 +170,7 @@ class KeyFactory:
     def close(self) -> None:
         """Kill every agent/dirmngr started in our homedirs (they outlive the test otherwise)."""
         for home in self._homes:
-            with contextlib.suppress(OSError, subprocess.SubprocessError):
-                subprocess.run(
-                    ["gpgconf", "--homedir", str(home), "--kill", "all"],
-                    capture_output=True,
-                    timeout=30,
-                    check=False,
-                )
+            stop_gpg_daemons(home)
         self._homes.clear()
         for path in self._own_tmp:
             shutil.rmtree(path, ignore_errors=True)

@@ -22,6 +22,7 @@ import pytest
 from aiohttp import web
 
 from keystore.service.http import OPENPGP_JS, PathOnlyAccessLogger
+from keystore.storage.config import KeystoreConfig
 from tests.support.debian import require_program, skip_unless_ci
 from tests.support.e2e_stack import Stack
 from tests.support.keyserver_harness import (
@@ -248,3 +249,44 @@ def _signup(chromium: str, served: Served, tmp_path: Path) -> None:
     # The Subject she chose to hide: [...] on the server, the real one inside.
     assert b"\r\nSubject: [...]\r\n" in mailbox[0] and b"welcome" not in mailbox[0]
     assert b"\r\nSubject: welcome\r\n" in inner and b'hp="cipher"' in inner
+
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        _change_later(driver, served, key)
+    finally:
+        driver.quit()
+    # The running filter kept her keys and setting; the change reaches it within
+    # keystore.lookup_cache (1 s by default).
+    time.sleep(KeystoreConfig().lookup_cache + 0.1)
+    served.stack.postfix.send(SENDER, [ADDRESS], message.replace(b"<after-signup@", b"<later@"))
+    later = _wait_for(
+        lambda: [m for m in served.stack.dovecot.fetch_all(ADDRESS) if b"<later@" in m],
+        what="the mail sent after the change",
+    )
+    assert b"\r\nSubject: welcome\r\n" in later[0] and b"only nina" not in later[0]
+    assert b"hp=" not in decrypt_gpg(key, armored_part(later[0]))
+
+
+def _change_later(driver: Any, served: Served, key: TestKey) -> None:
+    """Back on the page, she asks for the Subject to stay readable after all: a mail encrypted
+    to her key carries the code, and only its confirmation changes anything."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    store = served.keyserver.store
+    before = len(served.stack.dovecot.fetch_all(ADDRESS))
+    driver.get(served.url + "/")
+    driver.find_element(By.ID, "protect-address").send_keys(ADDRESS)
+    Select(driver.find_element(By.ID, "protect-setting")).select_by_value("off")
+    driver.find_element(By.ID, "protect-button").click()
+    result = driver.find_element(By.ID, "protect-result")
+    _wait_for(lambda: "was sent to" in result.text, what="the change request's answer")
+    assert store.keys_for(ADDRESS).settings.header_protection == "hide-subject"
+    stored = served.stack.dovecot.wait_for(ADDRESS, before + 1, timeout=60)[-1]
+    found = TOKEN_IN_TEXT.search(decrypt_gpg(key, ciphertext_of(parse(stored))).decode())
+    assert found, "no token in the decrypted mail"
+    driver.get(f"{served.url}/confirm#token={found.group(1)}")
+    driver.find_element(By.ID, "confirm-button").click()
+    confirmed = driver.find_element(By.ID, "result")
+    _wait_for(lambda: "was changed" in confirmed.text, what="the confirmation")
+    assert store.keys_for(ADDRESS).settings.header_protection == "off"

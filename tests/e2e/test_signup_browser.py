@@ -2,6 +2,9 @@
 OpenPGP.js, the user saves the private key and registers; the challenge travels through Postfix,
 gpgfilter and Dovecot into the mailbox, where the user decrypts it with gpg and that key and
 confirms; mail sent to the address afterwards is stored encrypted to the browser-made key.
+Ticking "hide the Subject" and "also encrypt the mail I already have" on the way carries both
+choices through the confirmation; later, the owner changes her header protection on the same
+page, with a code mailed encrypted to her key, and the next message follows it.
 
 The service runs on the test's event loop; selenium and IMAP block, so they run in a worker
 thread.
@@ -21,6 +24,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from gpgfilter.mailbox.queue import EnrolmentQueue
 from keystore.service.http import OPENPGP_JS, PathOnlyAccessLogger
 from keystore.storage.config import KeystoreConfig
 from tests.support.debian import require_program, skip_unless_ci
@@ -88,6 +92,7 @@ async def served(tmp_path: Path) -> AsyncIterator[Served]:
             "keyserver.public_url": url,
             "keyserver.relay": f"127.0.0.1:{stack.postfix.smtp_port}",
             "data_dir": str(stack.filter.data_dir),
+            "mailbox.encrypt_on_enrolment": True,  # the page offers the existing mail too
         }
         async with running_keyserver(tmp_path / "ks", **overrides) as ks:
             runner = web.AppRunner(ks.app, access_log_class=PathOnlyAccessLogger)
@@ -202,6 +207,10 @@ def _signup(chromium: str, served: Served, tmp_path: Path) -> None:
         hide = driver.find_element(By.ID, "hide-subject")
         assert not hide.is_selected()  # nothing is hidden unless the owner asks
         hide.click()
+        existing = driver.find_element(By.ID, "encrypt-existing")
+        _wait_for(existing.is_displayed, what="the offer to encrypt the existing mail")
+        assert not existing.is_selected()  # nothing irreversible unless the owner asks
+        existing.click()
         driver.find_element(By.ID, "register").click()
         result = driver.find_element(By.ID, "result")
         _wait_for(lambda: "was sent to" in result.text, what="the registration answer")
@@ -212,6 +221,9 @@ def _signup(chromium: str, served: Served, tmp_path: Path) -> None:
         [pending] = store.pending_for(ADDRESS, int(time.time()))
         assert pending.key.fingerprint == key.fingerprint
         assert pending.header_protection == "hide-subject"
+        assert pending.encrypt_existing
+        queue = EnrolmentQueue.under(served.keyserver.config.data_dir)
+        assert queue.addresses() == []  # nothing before the proof
         # The challenge, from the mailbox: Postfix → gpgfilter (already encrypted) → Dovecot.
         [stored] = served.stack.dovecot.wait_for(ADDRESS, 1, timeout=60)
         plaintext = decrypt_gpg(key, ciphertext_of(parse(stored)))
@@ -229,6 +241,7 @@ def _signup(chromium: str, served: Served, tmp_path: Path) -> None:
         _wait_for(lambda: "now registered" in confirm_result.text, what="the confirmation")
     finally:
         driver.quit()
+    assert queue.addresses() == [ADDRESS]  # the next sweep encrypts what she has
     [active] = store.keys_for(ADDRESS)
     assert active.fingerprint == key.fingerprint and active.usable_encryption_keys()
     assert store.keys_for(ADDRESS).settings.header_protection == "hide-subject"

@@ -32,7 +32,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 from keystore.model import Binding, StoredKey
 from keystore.store import StoreError, StoreUnavailable
@@ -40,6 +40,7 @@ from keystore.store import StoreError, StoreUnavailable
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
+LookupSource = Literal["cache", "store"]
 _Job = Callable[[], None]
 
 DEFAULT_THREADS = 4
@@ -111,8 +112,10 @@ class StoreLookup:
         threads: int = DEFAULT_THREADS,
         max_waiting: int = MAX_WAITING,
         cache_bytes: int = CACHE_BYTES,
+        answered: Callable[[LookupSource], None] | None = None,
     ) -> None:
         self.store = store
+        self.answered = answered  # told who answered each keys_for: for the metrics
         self.timeout = timeout
         self.cache_seconds = cache_seconds
         self.cache_bytes = cache_bytes
@@ -141,8 +144,12 @@ class StoreLookup:
         if asked - self._token_asked < self.cache_seconds:
             cached = self._cache.get(address)
             if cached is not None:
+                if self.answered is not None:
+                    self.answered("cache")
                 return cached
         token, keys = await self._call(self._read, address)
+        if self.answered is not None:
+            self.answered("store")
         self._learn(token, asked)
         if keys and token == self._token and self.cache_seconds > 0:
             self._keep(address, keys)

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from gpgfilter.mail.lookup import LookupSource
 from gpgfilter.openpgp.engine import EngineName
 from keystore.model import Binding
 from keystore.store import StoreError
@@ -68,11 +69,24 @@ class Metrics:
             "Messages being processed right now",
             registry=self.registry,
         )
+        self.lookups = Counter(
+            "gpgfilter_keystore_lookups",
+            "Key lookups for recipients, by what answered: cache (the keys of an enrolled"
+            " address while the store reports no change) or store",
+            ["answered_by"],
+            registry=self.registry,
+        )
+        for source in ("cache", "store"):
+            self.lookups.labels(source)
         self.keystore_up = Gauge(
             "gpgfilter_keystore_up",
             "1 when the last key store lookup succeeded, 0 when it failed or timed out",
             registry=self.registry,
         )
+
+    def looked_up(self, answered_by: LookupSource) -> None:
+        """Count one recipient's key lookup (the lookup's ``answered`` callback)."""
+        self.lookups.labels(answered_by).inc()
 
     def served(self, engine: EngineName) -> None:
         """Count one encryption by ``engine`` (the engine factory's ``served`` callback)."""

@@ -78,7 +78,7 @@ class Service:
         )
         try:
             # Opening the store connects to it: off the loop, like every other store call.
-            lookup = await asyncio.to_thread(open_lookup, new)
+            lookup = await asyncio.to_thread(open_lookup, new, self.metrics)
         except (StoreError, OSError) as error:
             log.error("configuration not reloaded: %s", error)
             return False
@@ -142,7 +142,7 @@ async def _retire(old: MailFilter, lookup: StoreLookup, seconds: float = 300.0) 
     await lookup.close()
 
 
-def open_lookup(config: Config) -> StoreLookup:
+def open_lookup(config: Config, metrics: Metrics | None = None) -> StoreLookup:
     """The configured store, asked off the event loop within ``keystore.lookup_timeout``."""
     config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     store = open_store(config.keystore, config.keystore_path, create=True)
@@ -150,6 +150,7 @@ def open_lookup(config: Config) -> StoreLookup:
         store,
         timeout=config.keystore.lookup_timeout,
         cache_seconds=config.keystore.lookup_cache,
+        answered=metrics.looked_up if metrics is not None else None,
     )
 
 
@@ -184,7 +185,7 @@ async def start(
     overrides: dict[str, Any] | None = None,
 ) -> Service:
     metrics = metrics or Metrics()
-    lookup = await asyncio.to_thread(open_lookup, config)
+    lookup = await asyncio.to_thread(open_lookup, config, metrics)
     mail_filter = build_filter(config, metrics, lookup)
     handler = Handler(mail_filter, lmtp=config.mode == "lmtp", max_size=config.max_message_size)
     server = await start_server(

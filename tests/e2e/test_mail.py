@@ -192,6 +192,8 @@ def test_metrics_endpoint_counts_outcomes(stack: Stack) -> None:
     text = metrics_text(stack)
     assert re.search(r'^gpgfilter_messages_total\{outcome="encrypted"\} [1-9]', text, re.M)
     assert "gpgfilter_encryption_duration_seconds_bucket" in text
+    assert re.search(r'^gpgfilter_keystore_lookups_total\{answered_by="store"\} [1-9]', text, re.M)
+    assert re.search(r'^gpgfilter_keystore_lookups_total\{answered_by="cache"\} ', text, re.M)
 
 
 def test_seipdv2_key_gets_mail_gpg_22_reads_beside_the_fast_engine(

@@ -334,12 +334,14 @@ async def test_an_enrolled_address_is_asked_once_until_the_store_changes(
     # The key service, another process, writes through a connection of its own.
     service = SQLiteKeyStore(tmp_path / "k.sqlite", create=False)
     service.bind(alice.address, validate_key(alice.public).key)
-    lookup = StoreLookup(counting, timeout=5, cache_seconds=0.3)
+    answered: list[str] = []
+    lookup = StoreLookup(counting, timeout=5, cache_seconds=0.3, answered=answered.append)
     try:
         first = await lookup.keys_for(alice.address)
         assert [k.fingerprint for k in first] == [alice.fingerprint]
         assert await lookup.keys_for(alice.address) is first
         assert counting.asked == [alice.address], "the second lookup came from the cache"
+        assert answered == ["store", "cache"]  # what gpgfilter_keystore_lookups counts
 
         # A key registered a moment ago: an address without a key is never kept.
         assert await lookup.keys_for(bob.address) == []

@@ -178,38 +178,50 @@ def _split_keys(chunks: list[bytes], gnupg_home: Path | None, gpg: str) -> list[
             raise click.ClickException(f"gpg could not export the keys of {gnupg_home}")
         data += done.stdout
     with tempfile.TemporaryDirectory(prefix="gpgfilter-import-") as tmp:
-        home = [*base, "--homedir", tmp]
-        subprocess.run(
-            [*home, "--import"], input=data, capture_output=True, timeout=600, check=False
-        )
-        secret = subprocess.run(
-            [*home, "--with-colons", "--list-secret-keys"],
-            capture_output=True,
-            timeout=60,
-            check=False,
-        ).stdout
-        if secret.strip():
-            raise click.ClickException(
-                "the input holds a secret key: export the public keys only (nothing imported)"
+        try:
+            return _keys_in(data, [*base, "--homedir", tmp])
+        finally:
+            # Importing, and asking for secret keys, start a gpg-agent in the scratch home: it
+            # must not outlive the home (the refusal of secret keys needs it while it runs).
+            subprocess.run(
+                ["gpgconf", "--homedir", tmp, "--kill", "all"],
+                capture_output=True,
+                timeout=60,
+                check=False,
             )
-        listing = subprocess.run(
-            [*home, "--with-colons", "--list-keys"], capture_output=True, timeout=600, check=False
-        ).stdout.decode("utf-8", "replace")
-        fingerprints: list[str] = []
-        primary = False
-        for line in listing.splitlines():
-            fields = line.split(":")
-            if fields[0] in ("pub", "sub"):
-                primary = fields[0] == "pub"
-            elif fields[0] == "fpr" and primary and len(fields) > 9:
-                fingerprints.append(fields[9])
-                primary = False
-        keys = []
-        for fingerprint in fingerprints:
-            exported = subprocess.run(
-                [*home, "--export", fingerprint], capture_output=True, timeout=60, check=False
-            ).stdout
-            keys.append((fingerprint, exported))
+
+
+def _keys_in(data: bytes, home: list[str]) -> list[tuple[str, bytes]]:
+    """Each public key in ``data`` as its own export, read with gpg in the scratch ``home``."""
+    subprocess.run([*home, "--import"], input=data, capture_output=True, timeout=600, check=False)
+    secret = subprocess.run(
+        [*home, "--with-colons", "--list-secret-keys"],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    ).stdout
+    if secret.strip():
+        raise click.ClickException(
+            "the input holds a secret key: export the public keys only (nothing imported)"
+        )
+    listing = subprocess.run(
+        [*home, "--with-colons", "--list-keys"], capture_output=True, timeout=600, check=False
+    ).stdout.decode("utf-8", "replace")
+    fingerprints: list[str] = []
+    primary = False
+    for line in listing.splitlines():
+        fields = line.split(":")
+        if fields[0] in ("pub", "sub"):
+            primary = fields[0] == "pub"
+        elif fields[0] == "fpr" and primary and len(fields) > 9:
+            fingerprints.append(fields[9])
+            primary = False
+    keys = []
+    for fingerprint in fingerprints:
+        exported = subprocess.run(
+            [*home, "--export", fingerprint], capture_output=True, timeout=60, check=False
+        ).stdout
+        keys.append((fingerprint, exported))
     return keys
 
 

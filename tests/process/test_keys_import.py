@@ -109,3 +109,20 @@ def test_dry_run_with_an_explicit_address_is_refused_not_ignored(tmp_path: Path)
     )
     assert result.exit_code == 2 and "does not take --address" in result.output
     assert not (tmp_path / "data" / "keys.sqlite").exists()
+
+
+def test_a_secret_key_in_the_input_is_refused_and_nothing_is_imported(
+    tmp_path: Path, alice: TestKey, bob: TestKey
+) -> None:
+    """An admin who exported secret keys by mistake is told so; the public keys beside them
+    are not imported either, and the secret material is never echoed."""
+    config = tmp_path / "gpgfilter.yaml"
+    config.write_text(f"data_dir: {tmp_path / 'data'}\ndomains: [example.test]\n")
+    command = ["-c", str(config), "keys", "import", "-"]
+    refused = CliRunner().invoke(main, command, input=bob.public + alice.secret)
+    assert refused.exit_code == 1
+    assert "the input holds a secret key" in refused.output
+    assert "PRIVATE" not in refused.output
+    assert not (tmp_path / "data" / "keys.sqlite").exists(), "nothing imported"
+    done = CliRunner().invoke(main, command, input=bob.public)
+    assert done.exit_code == 0, done.output
